@@ -1,0 +1,44 @@
+"""Registration models with one interface (:class:`RegistrationModel`) and :func:`build`.
+
+``from diffreg.models import VoxelMorph`` — each paper's model lives in one file of this package and reads top to
+bottom like the paper's method section.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffreg.config import MethodConfig, get_config
+from diffreg.models.base import RegistrationModel, RegistrationResult
+from diffreg.models.voxelmorph import VoxelMorph, VoxelMorphDiff
+
+__all__ = ["RegistrationModel", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff", "build", "MODELS"]
+
+#: registry name -> model class
+MODELS: dict[str, type[RegistrationModel]] = {
+    "voxelmorph": VoxelMorph,
+    "voxelmorph-diff": VoxelMorphDiff,
+}
+
+
+def build(name: str | MethodConfig, profile: str = "quick", dims: int | None = None, **overrides: Any) -> RegistrationModel:
+    """Build a model from its profile.
+
+    Args:
+        name: a registry name (see :data:`MODELS`) or a :class:`~diffreg.config.MethodConfig`.
+        profile: ``"quick"`` or ``"paper"`` (ignored when ``name`` is a config).
+        dims: 2 or 3 (``None``: the profile's default).
+        **overrides: model keyword arguments replacing the profile's.
+
+    Example:
+        >>> build("voxelmorph", profile="paper", dims=3).num_parameters()
+        327331
+
+    Raises:
+        ValueError: unknown model name or profile.
+    """
+    cfg = name if isinstance(name, MethodConfig) else get_config(name, profile, dims)
+    if cfg.method not in MODELS:
+        raise ValueError(f"unknown model {cfg.method!r}; known: {', '.join(sorted(MODELS))}")
+    kwargs = {**cfg.model, **overrides}
+    return MODELS[cfg.method](dims=cfg.data.dims, **kwargs)

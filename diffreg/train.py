@@ -1,0 +1,369 @@
+"""One trainer for every model: :func:`fit`.
+
+* any :class:`~diffreg.models.RegistrationModel` (it only calls ``model.loss(batch)["total"]``);
+* Adam / AdamW, cosine or constant learning rate with optional warm-up, gradient clipping;
+* mixed precision on CUDA only (``bfloat16`` autocast, or ``float16`` with a gradient scaler);
+* DDP when launched by ``torchrun`` (NCCL on CUDA, gloo on CPU); each process reads its own strided share of a
+  seeded, per-epoch permutation of the dataset;
+* tqdm progress, a CSV log (``log.csv``), ``config.json``;
+* checkpoints written atomically (``checkpoint.pt.tmp`` then ``os.replace``) holding the weights, optimizer,
+  scheduler, scaler, RNG states (torch, CUDA, numpy, python), the step and the config; loading uses
+  ``torch.load(..., weights_only=True)``. The data order is a function of ``(seed, step)``, so a run resumed from a
+  checkpoint continues exactly as the uninterrupted run would have (tested on CPU).
+
+Explained in chapter 02 (``notebooks/02_voxelmorph.md``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from diffreg.config import MethodConfig, TrainConfig
+
+__all__ = ["fit", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info"]
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.csv"
+CONFIG = "config.json"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def distributed_info() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from the torchrun environment (``(0, 0, 1)`` when not distributed)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, local, world
+
+
+class StepSampler(Sampler[list[int]]):
+    """Batches of indices as a pure function of ``(seed, step)``.
+
+    Epoch ``e`` is ``randperm(len(dataset))`` drawn from a generator seeded with ``seed + e``; the global stream of
+    indices is the concatenation of the epochs; step ``s`` of process ``rank`` (of ``world``) takes positions
+    ``[(s * world + rank) * B, ... + B)``. Starting at ``start_step`` therefore resumes the data order exactly.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, total_steps: int, rank: int = 0,
+                 world: int = 1) -> None:
+        if n < 1:
+            raise ValueError("cannot train on an empty dataset")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.total_steps, self.rank, self.world = start_step, total_steps, rank, world
+        self._perm_cache: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm_cache = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perm_cache[epoch]
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.total_steps):
+            first = (step * self.world + self.rank) * self.batch_size
+            batch = []
+            for pos in range(first, first + self.batch_size):
+                batch.append(self._perm(pos // self.n)[pos % self.n])
+            yield batch
+
+
+class _LossModule(nn.Module):
+    """Wraps ``model.loss`` as ``forward`` so DDP synchronises gradients of the loss computation."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.model.loss(batch)
+
+
+def _lr_lambda(cfg: TrainConfig, total: int):
+    def fn(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
+
+    return fn
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'adam' or 'adamw', got {cfg.optimizer!r}")
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` with ``torch.save`` atomically: to ``path + ".tmp"``, then ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`fit` with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable diffreg checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise ValueError(f"{path}: not a readable diffreg checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+        raise ValueError(f"{path}: not a diffreg checkpoint (missing 'model' or 'step')")
+    return ckpt
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    config: MethodConfig | TrainConfig,
+    out: str | Path | None = None,
+    device: str | torch.device | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` on ``data`` and return the log rows (``step``, ``lr``, ``seconds`` and every loss term).
+
+    Args:
+        model: a registration model (``model.loss(batch)`` returns a dict with ``"total"``).
+        data: a map-style dataset of dict items (e.g. :class:`diffreg.data.PhantomPairs`).
+        config: a :class:`~diffreg.config.MethodConfig` (stored in the run) or just a :class:`TrainConfig`.
+        out: run directory for ``config.json``, ``log.csv`` and ``checkpoint.pt`` (``None``: keep nothing).
+        device: where to train; default: the model's device, or ``cuda:LOCAL_RANK`` under torchrun with CUDA.
+        resume: continue from ``out/checkpoint.pt`` when it exists.
+        progress: show a tqdm bar (rank 0 only).
+        max_steps: stop after this global step (the schedule still assumes the configured total; used to
+            interrupt a run, e.g. to test resuming).
+
+    Returns:
+        The log rows written during this call (every ``log_every`` steps and the last step).
+    """
+    from tqdm.auto import tqdm
+
+    tcfg = config.train if isinstance(config, MethodConfig) else config
+    rank, local_rank, world = distributed_info()
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if device is None:
+        if distributed and torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+        else:
+            device = next(model.parameters()).device
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    model.to(device)
+
+    steps_per_epoch = math.ceil(len(data) / (tcfg.batch_size * world))
+    total = tcfg.epochs * steps_per_epoch if tcfg.epochs else tcfg.steps
+    stop = min(total, max_steps) if max_steps is not None else total
+
+    optimizer = _make_optimizer(model, tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tcfg, total))
+    use_amp = bool(tcfg.amp) and device.type == "cuda"
+    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.amp_dtype]
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    out_dir = Path(out) if out is not None else None
+    start = 0
+    seed_everything(tcfg.seed + rank)
+    if out_dir is not None:
+        ckpt_path = out_dir / CHECKPOINT
+        if resume and ckpt_path.is_file():
+            ckpt = load_checkpoint(ckpt_path, map_location=device)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if "scaler" in ckpt and ckpt["scaler"]:
+                scaler.load_state_dict(ckpt["scaler"])
+            start = int(ckpt["step"])
+            rng = ckpt["rng"][rank] if isinstance(ckpt["rng"], list) and rank < len(ckpt["rng"]) else ckpt["rng"]
+            _set_rng_state(rng[0] if isinstance(rng, list) else rng)
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            cfg_dict = config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(tcfg)}
+            (out_dir / CONFIG).write_text(json.dumps(cfg_dict, indent=2, default=list))
+
+    train_module: nn.Module = _LossModule(model)
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        train_module = nn.parallel.DistributedDataParallel(train_module, device_ids=ids)
+
+    sampler = StepSampler(len(data), tcfg.batch_size, tcfg.seed, start, stop, rank, world)
+    loader = DataLoader(data, batch_sampler=sampler, num_workers=0, pin_memory=device.type == "cuda")
+
+    rows: list[dict[str, float]] = []
+    log_file = None
+    writer: csv.DictWriter | None = None
+    if out_dir is not None and rank == 0:
+        log_path = out_dir / LOG
+        kept: list[dict[str, str]] = []
+        if start > 0 and log_path.exists():  # keep the rows up to the checkpoint (a crash may have logged more)
+            with open(log_path, newline="") as fh:
+                kept = [r for r in csv.DictReader(fh) if float(r["step"]) <= start]
+        log_file = open(log_path, "w", newline="")
+        if kept:
+            writer = csv.DictWriter(log_file, fieldnames=list(kept[0]))
+            writer.writeheader()
+            writer.writerows(kept)
+    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc=type(model).__name__,
+               dynamic_ncols=True)
+    model.train()
+    t0 = time.perf_counter()
+    step = start
+    running: dict[str, float] = {}
+    n_running = 0
+    try:
+        for batch in loader:
+            batch = _to_device(batch, device)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                terms = train_module(batch)
+            loss = terms["total"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tcfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            for k, v in terms.items():
+                running[k] = running.get(k, 0.0) + float(v.detach())
+            n_running += 1
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == total:
+                row = {"step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+                row.update({k: v / n_running for k, v in running.items()})
+                running, n_running = {}, 0
+                rows.append(row)
+                bar.set_postfix(loss=f"{row['total']:.4f}")
+                if log_file is not None:
+                    if writer is None:
+                        writer = csv.DictWriter(log_file, fieldnames=list(row))
+                        if log_file.tell() == 0:
+                            writer.writeheader()
+                    writer.writerow(row)
+                    log_file.flush()
+            if out_dir is not None and (step % tcfg.checkpoint_every == 0 or step == stop):
+                _checkpoint(out_dir, model, optimizer, scheduler, scaler, step, config, distributed, rank, world)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    model.eval()
+    return rows
+
+
+def _checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, scaler, step: int, config, distributed: bool,
+                rank: int, world: int) -> None:
+    rng = _rng_state()
+    if distributed:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rng)
+        rng_all: Any = gathered
+    else:
+        rng_all = rng
+    if rank == 0:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "rng": rng_all,
+            "step": step,
+            "config": config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(config)},
+        }
+        save_checkpoint(out_dir / CHECKPOINT, payload)
+    if distributed:
+        dist.barrier()
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, MethodConfig]:
+    """Rebuild the model of a run directory written by :func:`fit` and load its latest weights.
+
+    Returns:
+        ``(model, config)`` with the model in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``config.json`` or ``checkpoint.pt``.
+    """
+    from diffreg.models import build
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a diffreg run directory?")
+    cfg = MethodConfig.from_dict(json.loads(cfg_path.read_text()))
+    ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
+    model = build(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg
