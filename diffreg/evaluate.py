@@ -167,8 +167,6 @@ def evaluate(
         row: dict[str, Any] = {"case": item.get("case", str(i))}
         for k, v in report.items():
             row[k] = float(v[0]) if isinstance(v, torch.Tensor) else float(v)
-        if true_ddf is not None:
-            row["epe_initial"] = float(metrics.endpoint_error(torch.zeros_like(true_ddf)[None], true_ddf[None])[0])
         row["seconds"] = seconds
         rows.append(row)
     return rows

@@ -303,6 +303,8 @@ def fit(
             if step % tcfg.log_every == 0 or step == total:
                 row = {"step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
                 row.update({k: v / n_running for k, v in running.items()})
+                if device.type == "cuda":
+                    row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 running, n_running = {}, 0
                 rows.append(row)
                 bar.set_postfix(loss=f"{row['total']:.4f}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from monai.networks.nets import VoxelMorphUNet
+from torch import nn
 
 from diffreg import losses
 from diffreg.models.base import RegistrationModel, RegistrationResult, check_pair
@@ -44,7 +44,7 @@ LAYOUTS: dict[str, tuple[tuple[int, ...], int, tuple[int, ...]]] = {
 }
 
 
-def voxelmorph_unet(dims: int, in_channels: int = 2, layout: str = "vm2") -> VoxelMorphUNet:
+def voxelmorph_unet(dims: int, in_channels: int = 2, layout: str = "vm2") -> nn.Module:
     """The VoxelMorph U-Net: ``(B, in_channels, *spatial) -> (B, dims, *spatial)``.
 
     Spatial sizes must be divisible by 16 (four poolings). ``in_channels`` must be even (a MONAI requirement);
@@ -55,6 +55,10 @@ def voxelmorph_unet(dims: int, in_channels: int = 2, layout: str = "vm2") -> Vox
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VoxelMorph layout {layout!r}; known: {sorted(LAYOUTS)}")
+    # Imported here: ``import monai.networks.nets`` takes seconds, and MONAI imports matplotlib.pyplot when it is
+    # installed (monai.utils.jupyter_utils), so ``import diffreg.models`` stays light until a model is built.
+    from monai.networks.nets.voxelmorph import VoxelMorphUNet
+
     channels, unet_out, final = LAYOUTS[layout]
     net = VoxelMorphUNet(
         spatial_dims=dims,
@@ -126,7 +130,7 @@ class VoxelMorph(RegistrationModel):
         VoxelMorph-diff, possibly at reduced resolution; the displacement itself otherwise)."""
         check_pair(moving, fixed, self.dims)
         self._check_size(moving)
-        out = self.unet(torch.cat([moving, fixed], dim=1))
+        out = self.unet(torch.cat([moving, fixed], dim=1)).float()  # fields in float32 under mixed precision
         if self.int_steps == 0:
             return out, out
         size = tuple(moving.shape[2:])

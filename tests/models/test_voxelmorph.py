@@ -99,3 +99,17 @@ def test_voxelmorph_learns_translations_on_held_out_pairs():
     before = err(lambda b: torch.zeros(1, 2, 32, 32))
     after = err(lambda b: model(b["moving"][None], b["fixed"][None]).detach())
     assert after < 0.6 * before
+
+
+def test_loss_is_computed_in_float32_under_autocast():
+    # bfloat16 autocast on the CPU stands in for CUDA mixed precision: the loss must match float32 closely
+    # (NCC computed in bfloat16 diverges to about -1e9).
+    torch.manual_seed(0)
+    model = VoxelMorph(dims=2)
+    b = ShiftedBlobs(1)[0]
+    batch = {"moving": b["moving"][None], "fixed": b["fixed"][None]}
+    ref = model.loss(batch)["total"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = model.loss(batch)["total"]
+    assert amp.dtype == torch.float32
+    assert abs(amp.item() - ref.item()) < 0.02

@@ -1,0 +1,99 @@
+"""Finding and reading CAMUS patients (NIfTI release and the older MetaImage ``.mhd``/``.raw`` release).
+
+Explained in ``book/reproducing.md``. The dataset class is :class:`diffreg.data.CAMUSPairs` (``pairs.py``).
+
+Layout: ``root/patientXXXX/patientXXXX_{2CH,4CH}_{ED,ES}[_gt].{nii.gz,mhd}`` (the patient folders may also sit one
+level down, e.g. ``root/training/patient0001``) with ``Info_2CH.cfg`` / ``Info_4CH.cfg``. Images are 2D, returned
+in array order ``(H, W)`` (NIfTI ``(X, Y)`` is transposed; MetaImage is already ``(Y, X)``).
+
+CAMUS labels: 0 = background, 1 = LV cavity, 2 = Myo, 3 = LA.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffreg.data.io import check_image, check_label, check_same_shape, load_image
+
+__all__ = ["CAMUSView", "find_camus", "load_camus_frame", "CAMUS_LABEL_VALUES", "VIEWS"]
+
+CAMUS_LABEL_VALUES = (0, 1, 2, 3)
+VIEWS = ("2CH", "4CH")
+_PATIENT_DIR = re.compile(r"patient(\d+)$")
+_EXTS = (".nii.gz", ".nii", ".mhd")
+
+
+@dataclass
+class CAMUSView:
+    """Files of one patient's view: ED and ES images and masks."""
+
+    pid: str
+    view: str
+    ed_image: Path
+    ed_label: Path
+    es_image: Path
+    es_label: Path
+
+
+def _find(folder: Path, stem: str, what: str) -> Path:
+    for ext in _EXTS:
+        p = folder / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"{what} not found: {folder / (stem + '.nii.gz')} (nor .nii / .mhd)")
+
+
+def find_camus(root: str | Path, views: tuple[str, ...] = ("2CH",)) -> list[CAMUSView]:
+    """All (patient, view) entries under ``root``, sorted by patient then view.
+
+    Raises:
+        FileNotFoundError: ``root`` missing, no patient folders, or a missing ED/ES image or mask.
+        ValueError: unknown view.
+    """
+    for v in views:
+        if v not in VIEWS:
+            raise ValueError(f"unknown CAMUS view {v!r}; valid: {', '.join(VIEWS)}.")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"CAMUS root folder not found: {root}")
+    dirs = [d for d in root.iterdir() if d.is_dir() and _PATIENT_DIR.match(d.name)]
+    if not dirs:
+        dirs = [d for sub in sorted(root.iterdir()) if sub.is_dir()
+                for d in sub.iterdir() if d.is_dir() and _PATIENT_DIR.match(d.name)]
+    if not dirs:
+        raise FileNotFoundError(f"no CAMUS patient folders (patientXXXX/) under {root}")
+    out = []
+    for d in sorted(dirs, key=lambda p: p.name):
+        for v in views:
+            files = {}
+            for phase in ("ED", "ES"):
+                stem = f"{d.name}_{v}_{phase}"
+                files[f"{phase.lower()}_image"] = _find(d, stem, f"CAMUS {v} {phase} image")
+                files[f"{phase.lower()}_label"] = _find(d, stem + "_gt", f"CAMUS {v} {phase} mask")
+            out.append(CAMUSView(d.name, v, **files))
+    return out
+
+
+def load_camus_frame(entry: CAMUSView, which: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Read and check one frame: ``(image float32 (H, W), label uint8 (H, W), spacing (dy, dx) mm)``.
+
+    Raises:
+        ValueError: unreadable file, not 2D, NaN/Inf voxels, labels outside {0, 1, 2, 3}, image/mask shape mismatch.
+    """
+    if which not in ("ed", "es"):
+        raise ValueError(f"which must be 'ed' or 'es', got {which!r}.")
+    img_path, lab_path = getattr(entry, f"{which}_image"), getattr(entry, f"{which}_label")
+    img, spacing = load_image(img_path)
+    lab, _ = load_image(lab_path)
+    img, lab = np.squeeze(img), np.squeeze(lab)  # some files carry a singleton axis
+    if img.ndim != 2:
+        raise ValueError(f"{img_path}: expected a 2D image, got shape {img.shape}")
+    check_same_shape(img, lab, img_path, lab_path)
+    img = check_image(img, img_path)
+    lab = check_label(lab, lab_path, CAMUS_LABEL_VALUES)
+    sp = tuple(float(s) for s in spacing)[-2:]
+    return np.ascontiguousarray(img), np.ascontiguousarray(lab), sp

@@ -1,0 +1,306 @@
+"""Checked loading of medical image files: every error names the file and says what is wrong.
+
+Explained in chapter 01 (data) and ``book/reproducing.md`` (real data). Nothing here ever writes.
+
+* :func:`load_nifti` -- NIfTI (``.nii``/``.nii.gz``) with nibabel, in the file's own axis order ``(X, Y, Z[, T])``;
+* :func:`load_mhd` -- MetaImage (``.mhd`` + ``.raw``, the older CAMUS release) with SimpleITK when installed, else
+  with a small built-in reader; array order ``(..., Y, X)``;
+* :func:`load_image` -- either of them, always in array order (``(Y, X)`` / ``(Z, Y, X)``);
+* :func:`load_h5` -- datasets of an HDF5 file;
+* :func:`read_cfg` -- ``key: value`` files such as ACDC ``Info.cfg`` and CAMUS ``Info_2CH.cfg``;
+* :func:`check_image`, :func:`check_label`, :func:`check_same_shape` -- content checks.
+
+Raises (all functions):
+    FileNotFoundError: a file does not exist (the message names it).
+    ValueError: a file is unreadable or corrupt, a key is missing, voxels are NaN/Inf, labels are outside the
+        expected set or not integers, or an image and its mask differ in shape (the message names the file(s)).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "load_nifti",
+    "load_mhd",
+    "load_image",
+    "load_h5",
+    "read_cfg",
+    "check_image",
+    "check_label",
+    "check_same_shape",
+]
+
+PathLike = str | Path
+
+
+def _existing(path: PathLike, what: str = "file") -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def load_nifti(path: PathLike) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Read a NIfTI file.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        ``(array, spacing, affine)``: the float32 array in the file's axis order (NIfTI ``(X, Y, Z[, T])``), the
+        voxel size per array axis from the header (``pixdim``; mm, and the time step for a 4th axis), the 4 x 4
+        affine.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable NIfTI image (corrupt bytes, truncated gzip, wrong format).
+    """
+    import nibabel as nib
+
+    path = _existing(path, "NIfTI file")
+    try:
+        img = nib.load(str(path))
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:  # nibabel raises many types for corrupt data (ImageFileError, EOFError, zlib.error, ...)
+        raise ValueError(f"{path}: unreadable NIfTI file ({type(e).__name__}: {e})") from e
+    return arr, zooms, affine
+
+
+_MET_TYPES = {
+    "MET_UCHAR": np.uint8, "MET_CHAR": np.int8, "MET_USHORT": np.uint16, "MET_SHORT": np.int16,
+    "MET_UINT": np.uint32, "MET_INT": np.int32, "MET_ULONG_LONG": np.uint64, "MET_LONG_LONG": np.int64,
+    "MET_FLOAT": np.float32, "MET_DOUBLE": np.float64,
+}
+
+
+def _read_mhd_builtin(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Minimal MetaImage reader: one local raw data file, optionally zlib-compressed, no multi-component pixels."""
+    header: dict[str, str] = {}
+    try:
+        text = path.read_bytes().decode("latin-1")
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable MetaImage header ({e})") from e
+    for line in text.splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            header[k.strip()] = v.strip()
+    for key in ("DimSize", "ElementType", "ElementDataFile"):
+        if key not in header:
+            raise ValueError(f"{path}: not a MetaImage header (missing '{key}')")
+    try:
+        dims = [int(v) for v in header["DimSize"].split()]
+        text_spacing = header.get("ElementSpacing", header.get("ElementSize", ""))
+        spacing = [float(v) for v in text_spacing.split()] or [1.0] * len(dims)
+    except ValueError as e:
+        raise ValueError(f"{path}: bad DimSize/ElementSpacing in MetaImage header ({e})") from e
+    if header["ElementType"] not in _MET_TYPES:
+        raise ValueError(f"{path}: unsupported MetaImage ElementType {header['ElementType']}")
+    if int(header.get("ElementNumberOfChannels", "1")) != 1:
+        raise ValueError(f"{path}: multi-channel MetaImage files are not supported")
+    dtype = np.dtype(_MET_TYPES[header["ElementType"]])
+    msb = header.get("BinaryDataByteOrderMSB", header.get("ElementByteOrderMSB", "False")).lower() == "true"
+    dtype = dtype.newbyteorder(">" if msb else "<")
+    data_file = header["ElementDataFile"]
+    if data_file == "LOCAL":
+        raise ValueError(f"{path}: MetaImage with embedded data (ElementDataFile = LOCAL) is not supported without "
+                         f"SimpleITK; install SimpleITK")
+    raw = _existing(path.parent / data_file, "MetaImage data file")
+    blob = raw.read_bytes()
+    if header.get("CompressedData", "False").lower() == "true":
+        try:
+            blob = zlib.decompress(blob)
+        except zlib.error as e:
+            raise ValueError(f"{raw}: corrupt compressed MetaImage data ({e})") from e
+    n = int(np.prod(dims))
+    if len(blob) != n * dtype.itemsize:
+        raise ValueError(f"{raw}: expected {n * dtype.itemsize} bytes for DimSize {dims} of "
+                         f"{header['ElementType']}, found {len(blob)}")
+    arr = np.frombuffer(blob, dtype=dtype).reshape(dims[::-1]).astype(np.float32)
+    return arr, tuple(spacing[: len(dims)][::-1])
+
+
+def load_mhd(path: PathLike, backend: str | None = None) -> tuple[np.ndarray, tuple[float, ...], None]:
+    """Read a MetaImage (``.mhd`` header + ``.raw`` data, the older CAMUS release).
+
+    nibabel cannot read MetaImage. SimpleITK is used when installed (``backend="sitk"``); otherwise (or with
+    ``backend="builtin"``) a small reader handles the common case (one local raw file, optional zlib compression).
+
+    Returns:
+        ``(array, spacing, None)`` in array order ``(..., Y, X)`` (as ``SimpleITK.GetArrayFromImage``), spacing in
+        the same order.
+
+    Raises:
+        FileNotFoundError: header or raw file missing.
+        ValueError: unreadable or inconsistent file.
+    """
+    path = _existing(path, "MetaImage file")
+    if backend is None:
+        try:
+            import SimpleITK  # noqa: F401
+
+            backend = "sitk"
+        except ImportError:
+            backend = "builtin"
+    if backend == "builtin":
+        arr, spacing = _read_mhd_builtin(path)
+        return arr, spacing, None
+    if backend != "sitk":
+        raise ValueError(f"backend must be 'sitk', 'builtin' or None, got {backend!r}.")
+    try:
+        import SimpleITK as sitk
+    except ImportError as e:
+        raise ImportError("reading MetaImage with backend='sitk' needs SimpleITK: pip install SimpleITK") from e
+    # SimpleITK reports a missing raw file as a generic error: check it first for a clear message.
+    try:
+        head = path.read_bytes()[:4096].decode("latin-1")
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable MetaImage header ({e})") from e
+    for line in head.splitlines():
+        if line.strip().startswith("ElementDataFile") and "=" in line:
+            name = line.split("=", 1)[1].strip()
+            if name != "LOCAL" and "%" not in name and " " not in name:
+                _existing(path.parent / name, "MetaImage data file")
+    try:
+        img = sitk.ReadImage(str(path))
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        spacing = tuple(float(s) for s in img.GetSpacing())[::-1]
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable MetaImage file ({type(e).__name__}: {e})") from e
+    return arr, spacing[: arr.ndim], None
+
+
+def load_image(path: PathLike) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read a NIfTI or MetaImage file in array order (``(Y, X)``, ``(Z, Y, X)``; a time axis comes first).
+
+    NIfTI ``(X, Y[, Z][, T])`` is transposed to ``([T,] [Z,] Y, X)``. Returns ``(array float32, spacing)`` with the
+    spacing in the same order.
+    """
+    name = Path(path).name.lower()
+    if name.endswith(".mhd"):
+        arr, spacing, _ = load_mhd(path)
+        return arr, spacing
+    if name.endswith((".nii", ".nii.gz")):
+        arr, spacing, _ = load_nifti(path)
+        return np.ascontiguousarray(arr.transpose(tuple(range(arr.ndim))[::-1])), tuple(spacing[::-1])
+    raise ValueError(f"{path}: unknown image format (expected .nii, .nii.gz or .mhd)")
+
+
+def load_h5(path: PathLike, keys: Sequence[str] = ("image", "label")) -> dict[str, np.ndarray]:
+    """Read datasets ``keys`` of an HDF5 file into numpy arrays.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable HDF5 file, or a key is missing (the message lists the keys present).
+    """
+    import h5py
+
+    path = _existing(path, "HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise KeyError(missing, sorted(f.keys()))
+            return {k: np.asarray(f[k][()]) for k in keys}
+    except KeyError as e:
+        missing, present = e.args
+        raise ValueError(f"{path}: missing dataset(s) {', '.join(missing)} (present: {', '.join(present) or 'none'})"
+                         ) from None
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable HDF5 file ({type(e).__name__}: {e})") from e
+
+
+def _parse_value(v: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def read_cfg(path: PathLike, required: Iterable[str] = ()) -> dict[str, int | float | str]:
+    """Read a ``key: value`` file (ACDC ``Info.cfg``, CAMUS ``Info_2CH.cfg``); values become int/float if they
+    parse, else str. Blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line is not ``key: value``, or a ``required`` key is missing (names key and file).
+    """
+    path = _existing(path, "config file")
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable config file ({e})") from e
+    out: dict[str, int | float | str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if ":" not in line:
+            raise ValueError(f"{path}, line {n}: expected 'key: value', got {line!r}")
+        k, v = line.split(":", 1)
+        out[k.strip()] = _parse_value(v.strip())
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)} (found: {', '.join(out) or 'none'})")
+    return out
+
+
+def check_image(arr: np.ndarray, path: PathLike) -> np.ndarray:
+    """Return ``arr`` as float32 after checking it is non-empty and finite.
+
+    Raises:
+        ValueError: empty array or NaN/Inf voxels (names the file and counts them).
+    """
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise ValueError(f"{path}: empty image (shape {arr.shape})")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"{path}: image has non-real dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+        raise ValueError(f"{path}: image has {n_nan} NaN and {n_inf} Inf voxels")
+    return arr
+
+
+def check_label(arr: np.ndarray, path: PathLike, allowed: Iterable[int] = (0, 1, 2, 3)) -> np.ndarray:
+    """Return ``arr`` as uint8 after checking it holds integers from ``allowed`` only.
+
+    Raises:
+        ValueError: NaN/Inf or non-integer values, or values outside ``allowed`` (names the file and the values).
+    """
+    arr = np.asarray(arr)
+    allowed = sorted(int(a) for a in allowed)
+    if arr.size == 0:
+        raise ValueError(f"{path}: empty label map (shape {arr.shape})")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{path}: label map has NaN/Inf values")
+        frac = arr != np.round(arr)
+        if frac.any():
+            raise ValueError(f"{path}: label map has {int(frac.sum())} non-integer values "
+                             f"(e.g. {float(arr[frac].flat[0]):g}); expected integer labels {allowed}")
+    elif arr.dtype.kind not in "iub":
+        raise ValueError(f"{path}: label map has non-numeric dtype {arr.dtype}")
+    values = np.unique(arr)
+    extra = [v for v in values.tolist() if int(v) not in allowed]
+    if extra:
+        shown = ", ".join(f"{v:g}" for v in extra[:10]) + (" ..." if len(extra) > 10 else "")
+        raise ValueError(f"{path}: labels outside the expected set {allowed}: {shown}")
+    return arr.astype(np.uint8)
+
+
+def check_same_shape(img: np.ndarray, lab: np.ndarray, img_path: PathLike, lab_path: PathLike) -> None:
+    """Raise ``ValueError`` naming both files if an image and its mask differ in shape."""
+    if np.shape(img) != np.shape(lab):
+        raise ValueError(f"shape mismatch between image {img_path} {tuple(np.shape(img))} and mask {lab_path} "
+                         f"{tuple(np.shape(lab))}")

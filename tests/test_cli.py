@@ -1,0 +1,29 @@
+import csv
+
+import pytest
+
+from diffreg.cli import main
+
+
+def test_phantom_train_evaluate_round_trip(tmp_path, capsys):
+    root = tmp_path / "acdc"
+    assert main(["phantom", "--layout", "acdc", "--out", str(root), "--patients", "5"]) == 0
+    assert (root / "patient001" / "Info.cfg").is_file()
+    run = tmp_path / "run"
+    assert main(["train", "--method", "voxelmorph", "--data", f"acdc:{root}", "--out", str(run), "--steps", "6",
+                 "--size", "32", "32"]) == 0
+    assert (run / "checkpoint.pt").is_file() and (run / "log.csv").is_file()
+    out = tmp_path / "table.csv"
+    assert main(["evaluate", "--run", str(run), "--data", f"acdc:{root}", "--split", "all", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert rows and {"case", "dice_initial", "dice", "folding_percent"} <= set(rows[0])
+    assert "dice" in capsys.readouterr().out
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["train", "--method", "voxelmorph", "--data", f"acdc:{tmp_path / 'missing'}", "--out",
+                 str(tmp_path / "r"), "--steps", "1"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "not-a-method", "--out", "x"])
