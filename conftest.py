@@ -1,9 +1,8 @@
 """Collect the book's chapters (jupytext MyST notebooks in ``notebooks/``) as nbval tests.
 
-Each chapter ``notebooks/NN_name.md`` is converted with jupytext to ``_build/executed/NN_name.ipynb`` (no outputs:
-nbval then only checks that every cell runs, and the chapters ``assert`` what they claim). While nbval runs the
-cells, the outputs each cell produced are stored back into that notebook, which is written when the chapter
-finishes. ``.ci/run`` renders these executed notebooks into the book with execution off, so each chapter is executed
+Each chapter ``notebooks/NN_name.md`` is read with jupytext (no stored outputs: nbval then only checks that every
+cell runs, and the chapters ``assert`` what they claim). While nbval runs the cells, the outputs each cell produced
+are stored back into the notebook, which is written to ``_build/executed/NN_name.ipynb`` when the chapter finishes. ``.ci/run`` renders these executed notebooks into the book with execution off, so each chapter is executed
 exactly once in CI and the rendered pages still carry real outputs.
 
 Run only the unit tests with ``pytest tests``; one chapter with ``pytest notebooks/02_voxelmorph.md``.
@@ -43,7 +42,18 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     from nbval.plugin import IPyNbFile
 
     class ChapterNotebook(IPyNbFile):
-        """nbval collector that keeps the outputs it sees and writes the executed notebook at teardown."""
+        """nbval collector of a jupytext chapter: reads the ``.md`` through jupytext, keeps the outputs nbval sees
+        and writes the executed notebook to ``_build/executed/`` at teardown."""
+
+        def collect(self):
+            import nbval.plugin as plugin
+
+            original = plugin.nbformat.read
+            plugin.nbformat.read = lambda *args, **kwargs: jupytext.read(self.path)
+            try:
+                yield from super().collect()
+            finally:
+                plugin.nbformat.read = original
 
         def teardown(self) -> None:
             super().teardown()
@@ -51,23 +61,21 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
             if nb is not None:
                 import nbformat
 
-                nbformat.write(nb, str(self.path))
+                EXECUTED.mkdir(parents=True, exist_ok=True)
+                nbformat.write(nb, str(EXECUTED / (self.path.stem + ".ipynb")))
 
-    EXECUTED.mkdir(parents=True, exist_ok=True)
-    nb = jupytext.read(file_path)
-    target = EXECUTED / (file_path.stem + ".ipynb")
-    jupytext.write(nb, target, fmt="ipynb")
-    return ChapterNotebook.from_parent(parent, path=target)
+    return ChapterNotebook.from_parent(parent, path=file_path)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item: pytest.Item):
-    outcome = yield
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
+    """After nbval ran a chapter cell, store the outputs it collected in the notebook written at teardown."""
+    if call.when != "call":
+        return
     outs = getattr(item, "test_outputs", None)
     cell = getattr(item, "cell", None)
     if cell is not None and outs is not None:
         for out in outs:
             if out.get("output_type") == "execute_result":
-                out.setdefault("execution_count", item.cell_num + 1)
+                out["execution_count"] = item.cell_num + 1
         cell.outputs = list(outs)
         cell.execution_count = item.cell_num + 1

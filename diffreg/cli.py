@@ -31,7 +31,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 def _dataset(spec: str, split: str, cfg) -> object:
     from diffreg.data import open_dataset
 
-    return open_dataset(spec, split=split, dims=cfg.data.dims, profile=cfg.profile, size=cfg.data.size)
+    extra = {"n_subjects": cfg.data.n_subjects} if spec.strip().lower().startswith("phantom") else {}
+    return open_dataset(spec, split=split, dims=cfg.data.dims, profile=cfg.profile, size=cfg.data.size, **extra)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

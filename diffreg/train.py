@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -273,7 +274,7 @@ def fit(
             writer.writeheader()
             writer.writerows(kept)
     bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc=type(model).__name__,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     model.train()
     t0 = time.perf_counter()
     step = start
