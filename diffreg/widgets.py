@@ -50,7 +50,7 @@ def field_viewer(moving: Any, fixed: Any, ddf: Any, label_set: str | None = None
     Args:
         moving, fixed: images ``(B, 1, *spatial)`` (first item shown).
         ddf: displacement ``(B, ndim, *spatial)`` in voxels.
-        static: return the static player (warped | |fixed - warped| | grid-free displacement colour over ``etas``)
+        static: return the static player (warped image, ``|fixed - warped|``, displacement colour over ``etas``)
             instead of a widget.
 
     Returns:

@@ -10,10 +10,11 @@ Explained in chapter 01 (data) and ``book/reproducing.md`` (real data). Nothing 
 * :func:`read_cfg` -- ``key: value`` files such as ACDC ``Info.cfg`` and CAMUS ``Info_2CH.cfg``;
 * :func:`check_image`, :func:`check_label`, :func:`check_same_shape` -- content checks.
 
-Raises (all functions):
-    FileNotFoundError: a file does not exist (the message names it).
-    ValueError: a file is unreadable or corrupt, a key is missing, voxels are NaN/Inf, labels are outside the
-        expected set or not integers, or an image and its mask differ in shape (the message names the file(s)).
+Errors raised by all functions:
+
+* ``FileNotFoundError`` -- a file does not exist (the message names it);
+* ``ValueError`` -- a file is unreadable or corrupt, a key is missing, voxels are NaN/Inf, labels are outside the
+  expected set or not integers, or an image and its mask differ in shape (the message names the file(s)).
 """
 
 from __future__ import annotations
