@@ -1,8 +1,9 @@
 """ipywidgets viewers for live kernels, each with a static fallback from :mod:`diffreg.viz`.
 
-Not imported by ``import diffreg``. In the rendered (static) book a widget would show as an empty box, so every
-viewer takes ``static=True`` and then returns the equivalent :func:`diffreg.viz.player_html` player instead; chapters
-call the static form, and readers running the notebook can call the live one.
+Not imported by ``import diffreg`` (it needs ipywidgets and matplotlib). In the rendered static book a widget would
+show as an empty box, so every viewer takes ``static=True`` and then returns the equivalent :func:`diffreg.viz.player`
+(an ``IPython.display.HTML`` JavaScript player) instead. Chapters call the static form (or ``viz.player`` directly);
+a reader running the notebook can call the live one, e.g. ``field_viewer(m, f, u, static=not in_live_kernel())``.
 
 Explained in chapter 01 (``notebooks/01_registration.md``).
 """
@@ -15,43 +16,153 @@ import numpy as np
 
 __all__ = ["in_live_kernel", "field_viewer", "sequence_viewer"]
 
+VIEWS = ("warped", "difference", "grid", "flow", "jacobian")
+
 
 def in_live_kernel() -> bool:
-    """True inside a running IPython kernel (a Jupyter frontend may display widgets).
+    """True inside a running Jupyter (ipykernel) kernel, where a frontend may display widgets.
 
-    A heuristic: an ``IPKernelApp`` is configured in the current IPython shell. Chapters executed by nbval or the
-    book build also run in a kernel, so the book always calls the static forms explicitly.
+    A heuristic: the current IPython shell is a ``ZMQInteractiveShell`` with a kernel attached. Plain Python, a
+    terminal IPython and pytest return False. A kernel cannot tell whether a frontend is attached, so notebooks
+    executed headless (nbval, ``jupyter-book build``) also return True; that is why the book's chapters call the
+    static players explicitly and this function is only a convenience for readers.
     """
     try:
         from IPython import get_ipython
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - IPython is a dependency of the book
         return False
     ip = get_ipython()
-    return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
+    if ip is None:
+        return False
+    return type(ip).__name__ == "ZMQInteractiveShell" and getattr(ip, "kernel", None) is not None
 
 
-def _scaled_warp(moving: Any, ddf: Any, eta: float):
+def _as_batched(moving: Any, ddf: Any):
+    """``(1, C, *spatial)`` float image and ``(1, ndim, *spatial)`` float field tensors (first batch item)."""
     import torch
 
-    from diffreg.spatial import warp
+    from diffreg import viz
 
-    m = torch.as_tensor(np.asarray(moving) if not hasattr(moving, "dim") else moving).float()
-    u = torch.as_tensor(np.asarray(ddf) if not hasattr(ddf, "dim") else ddf).float()
+    u = torch.as_tensor(viz._field_nd(ddf)).float()[None]
+    m = moving if isinstance(moving, torch.Tensor) else torch.as_tensor(np.asarray(moving))
+    m = m.detach().cpu()
     while m.dim() < u.dim():
         m = m[None]
-    return warp(m, eta * u), eta * u
+    if m.dim() != u.dim() or m.shape[2:] != u.shape[2:]:
+        raise ValueError(f"image {tuple(m.shape)} and ddf {tuple(u.shape)} do not match.")
+    return m[:1], u
 
 
-def field_viewer(moving: Any, fixed: Any, ddf: Any, label_set: str | None = None, static: bool = False,
-                 etas: Sequence[float] = tuple(np.linspace(0.0, 1.0, 11))):
-    """Explore a registration: the displacement scaled by ``eta`` in [0, 1] (0 = identity, 1 = the full field),
-    showing the warped image, the grid, the displacement colour or the Jacobian determinant; a slice slider for 3D.
+def _scaled_warp(moving: Any, ddf: Any, eta: float, mode: str = "bilinear"):
+    """``(warp(moving, eta * ddf), eta * ddf)`` as ``(1, C, *spatial)`` / ``(1, ndim, *spatial)`` tensors."""
+    from diffreg.spatial import warp
+
+    m, u = _as_batched(moving, ddf)
+    m = m.long() if mode == "nearest" else m.float()
+    return warp(m, eta * u, mode=mode), eta * u
+
+
+def field_viewer(moving: Any, fixed: Any, ddf: Any, label_set: str | None = None, moving_label: Any = None,
+                 fixed_label: Any = None, static: bool = False, etas: Sequence[float] | None = None, axis: int = 0,
+                 step: int = 4):
+    """Explore a registration with the displacement scaled by ``eta`` in [0, 1] (0 = identity, 1 = full field).
+
+    Live: a dropdown chooses the view (warped image, ``|fixed - warped|``, deformation grid, displacement colour,
+    Jacobian determinant), a slider sets ``eta`` and, for 3D inputs, a slider picks the slice along ``axis``. The
+    moving image is warped with :func:`diffreg.spatial.warp` (``warped(p) = moving(p + eta * ddf(p))``).
 
     Args:
-        moving, fixed: images ``(B, 1, *spatial)`` (first item shown).
-        ddf: displacement ``(B, ndim, *spatial)`` in voxels.
-        static: return the static player (warped image, ``|fixed - warped|``, displacement colour over ``etas``)
-            instead of a widget.
+        moving, fixed: images ``(B, C, *spatial)`` (also ``(*spatial)``; the first item is used).
+        ddf: displacement ``(B, ndim, *spatial)`` or ``(ndim, *spatial)`` in voxels.
+        label_set: ``"acdc"`` or ``"camus"``; with ``moving_label`` (warped with nearest interpolation) the warped
+            view shows its contours, and ``fixed_label`` dashed.
+        static: return the static player instead: ``eta`` swept over ``etas`` (default 0, 0.1, ..., 1), panels
+            warped | ``|fixed - warped|`` | grid | displacement colour (3D: the middle slice along ``axis``).
+        etas: the ``eta`` values of the static player.
+        step: grid spacing in voxels.
+
+    Returns:
+        an ``ipywidgets.VBox`` or, with ``static=True``, an ``IPython.display.HTML`` player.
+    """
+    from functools import partial
+
+    from diffreg import viz
+
+    m, u_full = _as_batched(moving, ddf)
+    ndim = u_full.shape[1]
+    labels_on = label_set is not None and moving_label is not None
+    f2 = lambda idx: viz.image2d(fixed, axis, idx)  # noqa: E731
+
+    if static:
+        etas = list(np.linspace(0.0, 1.0, 11)) if etas is None else list(etas)
+        top = float(np.hypot(*viz.field2d(u_full, axis)).max()) or 1.0
+        frames, overlays = [], []
+        for eta in etas:
+            w, u = _scaled_warp(m, u_full, float(eta))
+            w2 = viz.image2d(w, axis)
+            frames.append([w2, np.abs(f2(None) - w2), partial(viz.plot_grid, ddf=u, step=step, axis=axis),
+                           viz.flow_rgb(u, max_magnitude=top, axis=axis)])
+            if labels_on:
+                wl = _scaled_warp(moving_label, u_full, float(eta), mode="nearest")[0]
+                overlays.append([viz.image2d(wl, axis)])
+        return viz.player(frames, titles=[f"eta = {e:.2f}" for e in etas], overlays=overlays or None,
+                          label_set=label_set or "acdc", suptitle="displacement scaled by eta",
+                          panel_titles=["warped", "|fixed - warped|", "grid", "displacement"], mode="reflect")
+
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    depth = u_full.shape[2 + axis] if ndim == 3 else 1
+    eta_w = W.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description="eta", continuous_update=False)
+    view_w = W.Dropdown(options=list(VIEWS), value="warped", description="show")
+    slice_w = W.IntSlider(value=depth // 2, min=0, max=max(depth - 1, 0), description="slice",
+                          disabled=depth == 1, continuous_update=False)
+    out = W.Output()
+
+    def draw(*_):
+        idx = slice_w.value if depth > 1 else None
+        kw = dict(axis=axis, slice_index=idx)
+        w, u = _scaled_warp(m, u_full, eta_w.value)
+        fig, ax = plt.subplots(figsize=(3.6, 3.6))
+        view = view_w.value
+        if view == "warped":
+            viz._clean(ax).imshow(viz.image2d(w, **kw), cmap="gray")
+            if labels_on:
+                wl = _scaled_warp(moving_label, u_full, eta_w.value, mode="nearest")[0]
+                viz.overlay_labels(ax, None, wl, label_set, show_image=False, **kw)
+                if fixed_label is not None:
+                    viz.overlay_labels(ax, None, fixed_label, label_set, show_image=False, legend=False,
+                                       linestyle="--", linewidth=0.8, **kw)
+        elif view == "difference":
+            viz._clean(ax).imshow(np.abs(f2(idx) - viz.image2d(w, **kw)), cmap="magma")
+        elif view == "grid":
+            viz.plot_grid(ax, u, step=step, **kw)
+        elif view == "flow":
+            viz.plot_flow(ax, u, **kw)
+        else:
+            viz.plot_jacobian(ax, u, **kw)
+        ax.set_title(f"{view}, eta = {eta_w.value:.2f}")
+        out.clear_output(wait=True)
+        with out:
+            display(fig)
+        plt.close(fig)
+
+    for wdg in (eta_w, view_w, slice_w):
+        wdg.observe(draw, names="value")
+    draw()
+    controls = [eta_w, view_w] + ([slice_w] if depth > 1 else [])
+    return W.VBox([W.HBox(controls), out])
+
+
+def sequence_viewer(frames: Sequence[Any], titles: Sequence[str] | None = None, static: bool = False,
+                    cmap: str = "gray", **player_kwargs: Any):
+    """A slider over a sequence of frames (each one panel or a list of panels, as :func:`diffreg.viz.player`).
+
+    Args:
+        frames: list or array ``(T, H, W)``; panels may be images, RGB arrays or callables ``f(ax)``.
+        titles: one label per frame.
+        static: return :func:`diffreg.viz.player` (with ``player_kwargs``) instead of a widget.
 
     Returns:
         an ``ipywidgets.VBox`` or, with ``static=True``, an ``IPython.display.HTML`` player.
@@ -59,78 +170,32 @@ def field_viewer(moving: Any, fixed: Any, ddf: Any, label_set: str | None = None
     from diffreg import viz
 
     if static:
-        from IPython.display import HTML
-
-        f2 = viz.image2d(fixed)
-        frames = []
-        for eta in etas:
-            w, u = _scaled_warp(moving, ddf, float(eta))
-            w2 = viz.image2d(w)
-            frames.append([w2, np.abs(w2 - f2), viz.flow_rgb(u, max_magnitude=float(np.abs(viz.to_numpy(ddf)).max()) or 1)])
-        return HTML(viz.player_html(frames, titles=[f"eta = {e:.1f}" for e in etas],
-                                    panel_titles=["warped", "|fixed - warped|", "displacement"]))
+        return viz.player(frames, titles=titles, cmap=cmap, **player_kwargs)
+    if len(frames) == 0:
+        raise ValueError("sequence_viewer needs at least one frame.")
 
     import ipywidgets as W
     import matplotlib.pyplot as plt
+    from IPython.display import display
 
-    depth = viz.to_numpy(fixed).shape[-3] if viz.to_numpy(ddf).shape[1] == 3 else 1
-    eta = W.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description="eta")
-    view = W.Dropdown(options=["warped", "grid", "flow", "jacobian"], value="warped", description="show")
-    sl = W.IntSlider(value=depth // 2, min=0, max=max(depth - 1, 0), description="slice", disabled=depth == 1)
+    k_w = W.IntSlider(value=0, min=0, max=len(frames) - 1, description="frame")
     out = W.Output()
 
     def draw(*_):
-        with out:
-            out.clear_output(wait=True)
-            w, u = _scaled_warp(moving, ddf, eta.value)
-            fig, ax = plt.subplots(figsize=(3.6, 3.6))
-            idx = sl.value if depth > 1 else None
-            if view.value == "warped":
-                ax.imshow(viz.image2d(w, index=idx), cmap="gray")
-                ax.set_title(f"warped, eta={eta.value:.2f}")
-            elif view.value == "grid":
-                viz.plot_grid(ax, u, index=idx)
-            elif view.value == "flow":
-                viz.plot_flow(ax, u, index=idx)
+        panels = viz._panels(frames[k_w.value])
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.0), squeeze=False)
+        for ax, p in zip(axes[0], panels):
+            if callable(p) and not isinstance(p, np.ndarray):
+                p(ax)
             else:
-                viz.plot_jacobian(ax, u, index=idx)
-            plt.show()
-
-    for wdg in (eta, view, sl):
-        wdg.observe(draw, names="value")
-    draw()
-    return W.VBox([W.HBox([eta, view, sl]), out])
-
-
-def sequence_viewer(frames: Sequence[Any], titles: Sequence[str] | None = None, static: bool = False):
-    """A slider over a sequence of 2D frames (or panel lists, as :func:`diffreg.viz.player` takes).
-
-    Returns an ``ipywidgets.VBox`` or, with ``static=True``, the :func:`diffreg.viz.player_html` player.
-    """
-    from diffreg import viz
-
-    if static:
-        from IPython.display import HTML
-
-        return HTML(viz.player_html(frames, titles=titles))
-
-    import ipywidgets as W
-    import matplotlib.pyplot as plt
-
-    k = W.IntSlider(value=0, min=0, max=len(frames) - 1, description="frame")
-    out = W.Output()
-
-    def draw(*_):
+                ax.imshow(p, cmap=cmap)
+            viz._clean(ax)
+        fig.suptitle(titles[k_w.value] if titles else f"frame {k_w.value + 1}/{len(frames)}")
+        out.clear_output(wait=True)
         with out:
-            out.clear_output(wait=True)
-            panels = viz._panels(frames[k.value])
-            fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), squeeze=False)
-            for ax, p in zip(axes[0], panels):
-                ax.imshow(p, cmap="gray")
-                ax.set_xticks([]), ax.set_yticks([])
-            fig.suptitle(titles[k.value] if titles else f"frame {k.value}")
-            plt.show()
+            display(fig)
+        plt.close(fig)
 
-    k.observe(draw, names="value")
+    k_w.observe(draw, names="value")
     draw()
-    return W.VBox([k, out])
+    return W.VBox([k_w, out])

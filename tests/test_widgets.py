@@ -1,19 +1,54 @@
+"""Tests of diffreg.widgets: the viewers build without a frontend and their static forms are players."""
+
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
 
-import torch
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from diffreg import widgets
+from diffreg import widgets  # noqa: E402
 
 
-def test_widgets_build_without_a_frontend_and_have_static_players():
+def _n_frames(html: str) -> int:
+    return len(re.findall(r"frames\[\d+\] = ", html))
+
+
+def test_field_viewer_2d_live_and_static():
     m = torch.rand(1, 1, 16, 16)
     u = torch.randn(1, 2, 16, 16) * 0.5
-    w = widgets.field_viewer(m, m, u)
-    assert w.children  # a VBox with controls and an output
-    html = widgets.field_viewer(m, m, u, static=True, etas=[0.0, 0.5, 1.0])
-    assert "data:image/png;base64" in html.data
-    assert widgets.sequence_viewer([m[0, 0], m[0, 0]]).children
-    assert "<script" in widgets.sequence_viewer([m[0, 0]] * 2, static=True).data
+    lab = torch.zeros(1, 1, 16, 16, dtype=torch.long)
+    lab[0, 0, 4:12, 4:12] = 3
+    w = widgets.field_viewer(m, m, u, label_set="acdc", moving_label=lab, fixed_label=lab)
+    controls, out = w.children
+    assert len(controls.children) == 2                        # eta and view; no slice slider in 2D
+    for view in widgets.VIEWS:                                # every view draws
+        controls.children[1].value = view
+    controls.children[0].value = 0.5
+    html = widgets.field_viewer(m, m, u, static=True, etas=[0.0, 0.5, 1.0], label_set="acdc", moving_label=lab)
+    assert "data:image/png;base64" in html.data and _n_frames(html.data) == 3
+    assert _n_frames(widgets.field_viewer(m[0, 0].numpy(), m, u[0].numpy(), static=True).data) == 11
+    plt.close("all")
+
+
+def test_field_viewer_3d_has_a_slice_slider():
+    m = torch.rand(1, 1, 6, 8, 8)
+    u = torch.randn(1, 3, 6, 8, 8) * 0.3
+    controls, _ = widgets.field_viewer(m, m, u).children
+    assert len(controls.children) == 3 and controls.children[2].max == 5
+    controls.children[2].value = 1
+    assert _n_frames(widgets.field_viewer(m, m, u, static=True, etas=[0, 1]).data) == 2
+
+
+def test_sequence_viewer_and_kernel_detection():
+    frames = [np.random.rand(8, 8) for _ in range(4)]
+    w = widgets.sequence_viewer(frames)
+    assert w.children[0].max == 3
+    w.children[0].value = 2
+    assert widgets.sequence_viewer([[f, f] for f in frames]).children
+    assert "<script" in widgets.sequence_viewer(frames, static=True).data
     assert widgets.in_live_kernel() is False
+    plt.close("all")
