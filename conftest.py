@@ -30,9 +30,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # nbval in "lax" mode (no stored outputs to compare), in this interpreter's environment.
     config.option.nbval_lax = True
     config.option.nbval_current_env = True
-    if not config.option.nbval_cell_timeout or config.option.nbval_cell_timeout < 0:
-        config.option.nbval_cell_timeout = 900
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    config.option.nbval_cell_timeout = 900
+    # The chapter kernels inherit this environment: with MPLBACKEND=Agg (common on headless machines) ipykernel
+    # keeps Agg and the executed chapters, hence the rendered book, would carry no figures.
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):

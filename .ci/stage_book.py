@@ -32,6 +32,8 @@ def main(dest: str) -> None:
         if not nb.is_file():
             missing.append(chapter.name)
             continue
+        if "image/png" not in nb.read_text():
+            sys.exit(f"{nb} has no figure output: was it executed with a non-inline matplotlib backend?")
         shutil.copy(nb, dest_path / "notebooks" / nb.name)
     for extra in (ROOT / "notebooks").iterdir():
         if extra.is_dir() and not extra.name.startswith((".", "_")):

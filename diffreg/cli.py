@@ -58,7 +58,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{cfg.method} ({cfg.profile}, {cfg.data.dims}D): {model.num_parameters():,} parameters; "
           f"{len(data)} training pairs from {args.data}")
     rows = fit(model, data, cfg, out=args.out, device=args.device, resume=not args.no_resume)
-    last = rows[-1] if rows else {}
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if not rows:
+        print(f"nothing to do: the run in {args.out} is already complete (use --no-resume to start again)")
+        return 0
+    last = rows[-1]
     extra = {k: v for k, v in cfg.to_dict().items() if k == "method"}
     (Path(args.out) / "data.json").write_text(json.dumps({"data": args.data, **extra}))
     print(f"done: step {int(last.get('step', 0))}, loss {last.get('total', float('nan')):.4f}, "
@@ -71,7 +78,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from diffreg.train import load_run
 
     model, cfg = load_run(args.run, device=args.device or "cpu")
-    data = _dataset(args.data, args.split, cfg)
+    spec = args.data
+    if spec is None:  # the data the run was trained on
+        info = Path(args.run) / "data.json"
+        spec = json.loads(info.read_text())["data"] if info.is_file() else "phantom"
+        args.data = spec
+    data = _dataset(spec, args.split, cfg)
     table = evaluate(model, data, progress=True, limit=args.limit)
     out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}.csv"
     table.to_csv(out)
@@ -114,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate a trained run on held-out pairs")
     ev.add_argument("--run", required=True)
-    ev.add_argument("--data", default="phantom")
+    ev.add_argument("--data", default=None, help="default: the data the run was trained on (RUN/data.json)")
     ev.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     ev.add_argument("--out", default=None, help="CSV path (default RUN/eval_SPLIT.csv)")
     ev.add_argument("--limit", type=int, default=None)

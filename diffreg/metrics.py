@@ -386,7 +386,7 @@ def registration_report(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: Ar
         moving_label: integer map ``(B, 1, *spatial)`` or ``(B, *spatial)``.
         fixed_label: integer map, same shape.
         labels: ``"acdc"``, ``"camus"`` or a list of label values.
-        spacing: voxel size per spatial axis (array order) for HD95 and EPE; default 1.
+        spacing: voxel size per spatial axis (array order) for HD95 (EPE is reported in voxels); default 1.
         true_ddf: optional true displacement for the end-point error.
 
     Returns:

@@ -101,6 +101,19 @@ class _LossModule(nn.Module):
         return self.model.loss(batch)
 
 
+def _check_train_config(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` for settings :func:`fit` cannot use."""
+    if cfg.amp_dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {cfg.amp_dtype!r}")
+    if cfg.scheduler not in ("cosine", "constant"):
+        raise ValueError(f"scheduler must be 'cosine' or 'constant', got {cfg.scheduler!r}")
+    for name in ("log_every", "checkpoint_every", "batch_size"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.epochs is None and cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+
+
 def _lr_lambda(cfg: TrainConfig, total: int):
     def fn(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -206,19 +219,21 @@ def fit(
     from tqdm.auto import tqdm
 
     tcfg = config.train if isinstance(config, MethodConfig) else config
+    _check_train_config(tcfg)
     rank, local_rank, world = distributed_info()
     distributed = world > 1
-    if distributed and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
     if device is None:
         if distributed and torch.cuda.is_available():
             device = torch.device("cuda", local_rank)
         else:
             device = next(model.parameters()).device
     device = torch.device(device)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL initialisation, so each process talks from its own GPU
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     model.to(device)
 
     steps_per_epoch = math.ceil(len(data) / (tcfg.batch_size * world))
@@ -233,19 +248,24 @@ def fit(
 
     out_dir = Path(out) if out is not None else None
     start = 0
+    resumed_log: dict[str, Any] = {}
     seed_everything(tcfg.seed + rank)
     if out_dir is not None:
         ckpt_path = out_dir / CHECKPOINT
         if resume and ckpt_path.is_file():
-            ckpt = load_checkpoint(ckpt_path, map_location=device)
+            # on the CPU: RNG states must be CPU byte tensors; the optimizer moves its state to the parameters
+            ckpt = load_checkpoint(ckpt_path, map_location="cpu")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if "scaler" in ckpt and ckpt["scaler"]:
                 scaler.load_state_dict(ckpt["scaler"])
             start = int(ckpt["step"])
-            rng = ckpt["rng"][rank] if isinstance(ckpt["rng"], list) and rank < len(ckpt["rng"]) else ckpt["rng"]
-            _set_rng_state(rng[0] if isinstance(rng, list) else rng)
+            rng = ckpt["rng"]
+            if isinstance(rng, list):  # one state per DDP process
+                rng = rng[rank] if rank < len(rng) else rng[0]
+            _set_rng_state(rng)
+            resumed_log = ckpt.get("log_state", {})
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg_dict = config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(tcfg)}
@@ -276,10 +296,11 @@ def fit(
     bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc=type(model).__name__,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     model.train()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - float(resumed_log.get("seconds", 0.0))
     step = start
-    running: dict[str, float] = {}
-    n_running = 0
+    # running sums of the loss terms since the last log row (kept in checkpoints, so resumed logs are identical)
+    running: dict[str, float] = dict(resumed_log.get("running", {}))
+    n_running = int(resumed_log.get("n_running", 0))
     try:
         for batch in loader:
             batch = _to_device(batch, device)
@@ -317,7 +338,9 @@ def fit(
                     writer.writerow(row)
                     log_file.flush()
             if out_dir is not None and (step % tcfg.checkpoint_every == 0 or step == stop):
-                _checkpoint(out_dir, model, optimizer, scheduler, scaler, step, config, distributed, rank, world)
+                log_state = {"running": dict(running), "n_running": n_running, "seconds": time.perf_counter() - t0}
+                _checkpoint(out_dir, model, optimizer, scheduler, scaler, step, config, distributed, rank, world,
+                            log_state)
     finally:
         bar.close()
         if log_file is not None:
@@ -327,7 +350,7 @@ def fit(
 
 
 def _checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, scaler, step: int, config, distributed: bool,
-                rank: int, world: int) -> None:
+                rank: int, world: int, log_state: dict[str, Any]) -> None:
     rng = _rng_state()
     if distributed:
         gathered: list[Any] = [None] * world
@@ -343,6 +366,7 @@ def _checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, scaler, s
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": rng_all,
             "step": step,
+            "log_state": log_state,
             "config": config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(config)},
         }
         save_checkpoint(out_dir / CHECKPOINT, payload)

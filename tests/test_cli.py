@@ -18,6 +18,13 @@ def test_phantom_train_evaluate_round_trip(tmp_path, capsys):
     rows = list(csv.DictReader(open(out)))
     assert rows and {"case", "dice_initial", "dice", "folding_percent"} <= set(rows[0])
     assert "dice" in capsys.readouterr().out
+    # without --data, the run is evaluated on the data it was trained on (RUN/data.json)
+    assert main(["evaluate", "--run", str(run), "--split", "all", "--limit", "2"]) == 0
+    assert f"acdc:{root}" in capsys.readouterr().out
+    # a complete run is not trained again
+    assert main(["train", "--method", "voxelmorph", "--data", f"acdc:{root}", "--out", str(run), "--steps", "6",
+                 "--size", "32", "32"]) == 0
+    assert "already complete" in capsys.readouterr().out
 
 
 def test_clear_errors(tmp_path, capsys):

@@ -57,6 +57,13 @@ def test_resume_continues_identically(tmp_path):
     assert rows_a[-1]["total"] == pytest.approx(rows_b[-1]["total"], rel=0, abs=0)
     log = (tmp_path / "b" / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,") and len(log) == 1 + 4  # header + steps 3, 6, 9, 12
+    # the log of the resumed run is the log of the straight run (the row at step 9 spans the interruption at 8)
+    import csv
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(tmp_path / run / "log.csv"))]
+
+    assert rows("a") == rows("b")
 
 
 def test_checkpoint_is_atomic_and_weights_only(tmp_path):
@@ -71,6 +78,14 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path):
         load_checkpoint(tmp_path / "checkpoint.pt")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_run(tmp_path / "nowhere")
+
+
+def test_bad_train_settings_are_rejected():
+    for field, value in (("amp_dtype", "fp8"), ("log_every", 0), ("scheduler", "step")):
+        cfg = _cfg()
+        setattr(cfg.train, field, value)
+        with pytest.raises(ValueError, match=field):
+            fit(_model(), ShiftedBlobs(2), cfg, progress=False)
 
 
 def test_loss_decreases_with_cosine_schedule(tmp_path):
@@ -110,7 +125,12 @@ def test_ddp_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path / "run")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

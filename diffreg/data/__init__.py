@@ -87,6 +87,9 @@ def open_dataset(spec: str, split: str = "train", dims: int = 2, profile: str | 
         kind = rest or ("sax3d" if dims == 3 else "sax")
         if kind not in ("sax", "sax3d", "echo"):
             raise ValueError(f"unknown phantom kind {kind!r} in {spec!r}; valid forms: {', '.join(SCHEMES)}.")
+        if (kind == "sax3d") != (dims == 3):
+            raise ValueError(f"phantom kind {kind!r} is {'3D' if kind == 'sax3d' else '2D'} but dims={dims} was asked "
+                             f"(use phantom:sax3d for 3D, phantom:sax or phantom:echo for 2D)")
         if size is None:
             big = profile == "paper"
             size = {"sax": 128 if big else 64, "sax3d": (32, 128, 128) if big else (16, 64, 64),

@@ -38,13 +38,15 @@ class RegistrationResult:
 
 
 def check_pair(moving: torch.Tensor, fixed: torch.Tensor, dims: int) -> None:
-    """Raise ``ValueError`` unless ``moving`` and ``fixed`` are ``(B, C, *spatial)`` images of one shape with
+    """Raise ``ValueError`` unless ``moving`` and ``fixed`` are ``(B, 1, *spatial)`` images of one shape with
     ``len(spatial) == dims``."""
     for name, x in (("moving", moving), ("fixed", fixed)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != dims + 2:
             raise ValueError(f"{name} must be (B, C, *spatial) with {dims} spatial dims, got shape {tuple(x.shape)}")
+    if moving.shape[1] != 1:
+        raise ValueError(f"moving and fixed must have one channel, got {moving.shape[1]} (shape {tuple(moving.shape)})")
     if moving.shape != fixed.shape:
         raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
 

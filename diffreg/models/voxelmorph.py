@@ -13,8 +13,9 @@ Method, top to bottom:
 2. VoxelMorph: the field is the displacement ``u`` itself. VoxelMorph-diff: the field is a stationary velocity
    ``v``, optionally at ``1/int_downsize`` resolution, integrated by scaling and squaring (``int_steps`` = 7)
    into a diffeomorphic displacement, then resized back.
-3. Loss: ``L = -NCC_9(m o phi, f) + lambda * mean ||grad u||^2`` (Balakrishnan 2019, eq. 5 with the local CC
-   of eq. 4; or MSE). For VoxelMorph-diff the smoothness acts on the velocity, as the official code does.
+3. Loss: ``L = -NCC_9(m o phi, f) + lambda * R(u)`` (Balakrishnan 2019, eq. 5 with the local CC of eq. 4; or
+   MSE), where ``R`` is :func:`diffreg.losses.gradient_smoothness`: squared forward differences averaged over
+   voxels, components and axes, as the official ``Grad('l2')`` computes the paper's ``sum ||grad u||^2``. For VoxelMorph-diff the smoothness acts on the velocity, as the official code does.
    Deviation: Dalca et al. train a probabilistic model (mean and log-variance of ``v``, a KL loss); we keep the
    deterministic velocity model of the voxelmorph library (``--int-steps 7``), which is what the diffusion papers
    compare with.

@@ -209,6 +209,8 @@ def test_open_dataset(roots):
     ds = open_dataset("phantom", split="test", n_subjects=10)
     assert isinstance(ds, PhantomPairs) and ds.kind == "sax" and ds[0]["moving"].shape == (1, 64, 64)
     assert open_dataset("phantom:echo", split="test", n_subjects=5).labels == "camus"
+    with pytest.raises(ValueError, match="dims=3"):
+        open_dataset("phantom:echo", dims=3)
     d3 = open_dataset("phantom", dims=3, split="test", n_subjects=5, size=(8, 32, 32))
     assert d3.kind == "sax3d" and d3[0]["moving"].shape == (1, 8, 32, 32)
     a = open_dataset(f"acdc:{roots['acdc']}", split="all", dims=2)

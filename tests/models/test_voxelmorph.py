@@ -40,6 +40,8 @@ def test_bad_inputs():
         m(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 16, 32))
     with pytest.raises(ValueError, match="spatial dims"):
         m(torch.zeros(1, 32, 32), torch.zeros(1, 32, 32))
+    with pytest.raises(ValueError, match="one channel"):
+        m(torch.zeros(1, 2, 32, 32), torch.zeros(1, 2, 32, 32))
     with pytest.raises(ValueError, match="layout"):
         VoxelMorph(layout="vm3")
     with pytest.raises(ValueError, match="unknown method"):
