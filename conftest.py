@@ -31,9 +31,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.option.nbval_lax = True
     config.option.nbval_current_env = True
     config.option.nbval_cell_timeout = 900
-    # The chapter kernels inherit this environment: with MPLBACKEND=Agg (common on headless machines) ipykernel
-    # keeps Agg and the executed chapters, hence the rendered book, would carry no figures.
-    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    # The chapter kernels inherit this environment: with MPLBACKEND set (e.g. Agg on headless machines) ipykernel
+    # keeps that backend and the executed chapters, hence the rendered book, would carry no figures. Unset, the
+    # kernels use the inline backend and this process matplotlib's default.
+    os.environ.pop("MPLBACKEND", None)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
