@@ -223,3 +223,57 @@ def _voxelmorph_profile(profile: str, dims: int | None) -> MethodConfig:
 @register_profile("voxelmorph-diff")
 def _voxelmorph_diff_profile(profile: str, dims: int | None) -> MethodConfig:
     return _voxelmorph(profile, dims, diffeomorphic=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiffuseMorph (Kim, Han, Ye, ECCV 2022); line numbers refer to the paper text in shared/papers (001_...txt)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _diffusemorph_model(dims: int) -> dict[str, Any]:
+    """DiffuseMorph's architecture and loss weights (the same in both profiles but for lambda in 2D)."""
+    return dict(
+        # official 3D config: inner_channel 8, channel_multiplier [1, 2, 4, 4], res_blocks 1, attention at the
+        # bottleneck only (the paper, l. 200: "the network architecture designed in DDPM [14]")
+        widths=(8, 16, 32, 32),
+        norm_groups=4,
+        vm_layout="vm1",  # l. 200-202: "the backbone of VoxelMorph-1 [3] for the deformation network"
+        lambda_reg=20.0 if dims == 3 else 2.0,  # l. 202: lambda = 20 (cardiac MR, 3D), lambda = 2 (faces, 2D)
+        lambda_smooth=1.0,  # l. 121: "We set lambda_phi = 1"
+        ncc_window=9,  # l. 121: local NCC of VoxelMorph [3] (window 9)
+        timesteps=2000,  # l. 200: T_train = 2000
+        beta_start=1e-6,  # l. 200: noise level from 10^-6 ...
+        beta_end=1e-2,  # l. 200: ... to 10^-2, linear schedule
+    )
+
+
+@register_profile("diffusemorph")
+def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
+    if profile == "quick":
+        dims = dims or 2
+        return MethodConfig(
+            method="diffusemorph",
+            profile=profile,
+            model=_diffusemorph_model(dims),
+            # lr 1e-3: the paper's 2e-4 (3D) / 5e-6 (2D) is far too slow for a budget of minutes on a CPU
+            # (DESIGN.md sec. 4); Adam betas (0.5, 0.999) as in the official code.
+            train=TrainConfig(steps=1500 if dims == 2 else 300, lr=1e-3, batch_size=1, betas=(0.5, 0.999),
+                              scheduler="constant", log_every=50, checkpoint_every=500),
+            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (16, 64, 64),
+                            phantom="sax" if dims == 2 else "sax3d"),
+            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+        )
+    dims = dims or 3
+    return MethodConfig(
+        method="diffusemorph",
+        profile=profile,
+        model=_diffusemorph_model(dims),
+        # l. 202: cardiac MR lr 2e-4 for 800 epochs (faces: 5e-6, 40 epochs); Adam (l. 202); betas (0.5, 0.999) and
+        # batch 1 from the official 3D training config.
+        train=TrainConfig(epochs=800 if dims == 3 else 40, lr=2e-4 if dims == 3 else 5e-6, batch_size=1,
+                          betas=(0.5, 0.999), scheduler="constant", log_every=100, checkpoint_every=5000),
+        # l. 196: ACDC cropped to 128 x 128 x 32
+        data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128),
+                        phantom="sax" if dims == 2 else "sax3d"),
+        source="Kim, Han, Ye 2022 (DiffuseMorph, ECCV), sec. 3.2 and sec. 4 implementation details",
+    )

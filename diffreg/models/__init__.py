@@ -10,14 +10,18 @@ from typing import Any
 
 from diffreg.config import MethodConfig, get_config
 from diffreg.models.base import RegistrationModel, RegistrationResult
+from diffreg.models.diffusemorph import DiffuseMorph
 from diffreg.models.voxelmorph import VoxelMorph, VoxelMorphDiff
 
-__all__ = ["RegistrationModel", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff", "build", "MODELS"]
+__all__ = [
+    "RegistrationModel", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff", "DiffuseMorph", "build", "MODELS",
+]
 
 #: registry name -> model class
 MODELS: dict[str, type[RegistrationModel]] = {
     "voxelmorph": VoxelMorph,
     "voxelmorph-diff": VoxelMorphDiff,
+    "diffusemorph": DiffuseMorph,
 }
 
 
