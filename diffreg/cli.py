@@ -24,7 +24,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     from diffreg.data.phantom import write_phantom
 
     root = write_phantom(args.out, layout=args.layout, n_patients=args.patients, seed=args.seed)
-    print(f"wrote {args.patients} phantom patients in the {args.layout} layout to {root or args.out}")
+    print(f"wrote {args.patients} phantom patients in the {args.layout} layout to {root}")
     return 0
 
 
@@ -66,8 +66,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"nothing to do: the run in {args.out} is already complete (use --no-resume to start again)")
         return 0
     last = rows[-1]
-    extra = {k: v for k, v in cfg.to_dict().items() if k == "method"}
-    (Path(args.out) / "data.json").write_text(json.dumps({"data": args.data, **extra}))
+    (Path(args.out) / "data.json").write_text(json.dumps({"data": args.data, "method": cfg.method}))
     print(f"done: step {int(last.get('step', 0))}, loss {last.get('total', float('nan')):.4f}, "
           f"{last.get('seconds', 0):.1f} s; run in {args.out}")
     return 0

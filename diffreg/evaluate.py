@@ -214,9 +214,8 @@ def compare(
     for name in names:
         t = Table(tables[name])
         row: dict[str, Any] = {"method": name, "n": len(t)}
-        for c in columns:
-            if c in t.columns() and np.isfinite(t.values(c)).any():
-                row[c] = f"{t.mean(c):.3f} ± {t.std(c):.3f}"
+        for c, (mean, std) in summarize(t, columns).items():
+            row[c] = f"{mean:.3f} ± {std:.3f}"
         p = math.nan
         if name != reference:
             pairs = [(float(r[test_column]), float(ref[r["case"]][test_column])) for r in t if r["case"] in ref]

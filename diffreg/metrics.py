@@ -241,8 +241,19 @@ def folding_percent(ddf: ArrayLike) -> Tensor:
     Raises:
         ValueError: on a bad field shape.
     """
-    det = jacobian_determinant(ddf)
+    return _folding_from_det(jacobian_determinant(ddf))
+
+
+def _folding_from_det(det: Tensor) -> Tensor:
     return 100.0 * (det <= 0).flatten(1).double().mean(1)
+
+
+def _std_from_det(det: Tensor) -> Tensor:
+    return det.flatten(1).std(dim=1, correction=0)
+
+
+def _sdlogj_from_det(det: Tensor) -> Tensor:
+    return torch.log(det.clamp(min=1e-9)).flatten(1).std(dim=1, correction=0)
 
 
 def jacobian_std(ddf: ArrayLike) -> Tensor:
@@ -259,7 +270,7 @@ def jacobian_std(ddf: ArrayLike) -> Tensor:
     Raises:
         ValueError: on a bad field shape.
     """
-    return jacobian_determinant(ddf).flatten(1).std(dim=1, correction=0)
+    return _std_from_det(jacobian_determinant(ddf))
 
 
 def sdlogj(ddf: ArrayLike) -> Tensor:
@@ -276,8 +287,7 @@ def sdlogj(ddf: ArrayLike) -> Tensor:
     Raises:
         ValueError: on a bad field shape.
     """
-    det = jacobian_determinant(ddf).clamp(min=1e-9)
-    return torch.log(det).flatten(1).std(dim=1, correction=0)
+    return _sdlogj_from_det(jacobian_determinant(ddf))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,9 +442,10 @@ def registration_report(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: Ar
         report = {"dice_initial": _nanmean(before, 1), "dice": _nanmean(after, 1)}
         report.update({f"dice_{v}": after[:, k] for k, v in enumerate(values)})
 
-    report["folding_percent"] = folding_percent(u).cpu()
-    report["jacobian_std"] = jacobian_std(u).cpu()
-    report["sdlogj"] = sdlogj(u).cpu()
+    det = jacobian_determinant(u)  # once for the three Jacobian statistics
+    report["folding_percent"] = _folding_from_det(det).cpu()
+    report["jacobian_std"] = _std_from_det(det).cpu()
+    report["sdlogj"] = _sdlogj_from_det(det).cpu()
     hd = hd95(warped, fl, list(names.values()), spacing=spacing)
     report["hd95"] = _nanmean(hd, 1)
     report.update({f"hd95_{name}": hd[:, k] for k, name in enumerate(names)})

@@ -247,6 +247,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     out_dir = Path(out) if out is not None else None
+    cfg_dict = config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(tcfg)}
     start = 0
     resumed_log: dict[str, Any] = {}
     seed_everything(tcfg.seed + rank)
@@ -268,7 +269,6 @@ def fit(
             resumed_log = ckpt.get("log_state", {})
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            cfg_dict = config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(tcfg)}
             (out_dir / CONFIG).write_text(json.dumps(cfg_dict, indent=2, default=list))
 
     train_module: nn.Module = _LossModule(model)
@@ -339,7 +339,7 @@ def fit(
                     log_file.flush()
             if out_dir is not None and (step % tcfg.checkpoint_every == 0 or step == stop):
                 log_state = {"running": dict(running), "n_running": n_running, "seconds": time.perf_counter() - t0}
-                _checkpoint(out_dir, model, optimizer, scheduler, scaler, step, config, distributed, rank, world,
+                _checkpoint(out_dir, model, optimizer, scheduler, scaler, step, cfg_dict, distributed, rank, world,
                             log_state)
     finally:
         bar.close()
@@ -349,8 +349,8 @@ def fit(
     return rows
 
 
-def _checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, scaler, step: int, config, distributed: bool,
-                rank: int, world: int, log_state: dict[str, Any]) -> None:
+def _checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, scaler, step: int, cfg_dict: dict[str, Any],
+                distributed: bool, rank: int, world: int, log_state: dict[str, Any]) -> None:
     rng = _rng_state()
     if distributed:
         gathered: list[Any] = [None] * world
@@ -367,7 +367,7 @@ def _checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, scaler, s
             "rng": rng_all,
             "step": step,
             "log_state": log_state,
-            "config": config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(config)},
+            "config": cfg_dict,
         }
         save_checkpoint(out_dir / CHECKPOINT, payload)
     if distributed:

@@ -102,8 +102,6 @@ def open_dataset(spec: str, split: str = "train", dims: int = 2, profile: str | 
         if not root.exists():
             raise FileNotFoundError(f"{scheme} data folder not found: {root} (from {spec!r})")
         if scheme == "camus":
-            if size is None:
-                size = 64 if profile == "quick" else 128
             return CAMUSPairs(root, split=split, size=size, profile=profile, dims=dims, **kwargs)
         layout = "h5" if scheme == "acdc-h5" else "nifti"
         return ACDCPairs(root, layout=layout, dims=dims, split=split, profile=profile, size=size, **kwargs)

@@ -54,7 +54,7 @@ from torch.utils.data import Dataset
 
 from diffreg.data import acdc as _acdc
 from diffreg.data import camus as _camus
-from diffreg.data.phantom import ACDC_LABELS, CAMUS_LABELS, make_phantom
+from diffreg.data.phantom import ACDC_LABELS, CAMUS_LABELS, _subject_seed, make_phantom
 
 __all__ = [
     "PairDataset",
@@ -343,7 +343,7 @@ class PhantomPairs(PairDataset):
         self.subjects = split_indices(n_subjects, split)
         for subj in self.subjects:
             seq = make_phantom(kind, size=self.size, n_frames=n_frames if frames == "all" else 2,
-                               seed=seed * 100003 + subj, noise=noise)
+                               seed=_subject_seed(seed, subj), noise=noise)
             others = [seq.es] if frames == "ed-es" else [t for t in range(seq.n_frames) if t != seq.ed]
             for t in others:
                 a, b = (t, seq.ed) if direction == "es->ed" else (seq.ed, t)
@@ -512,7 +512,7 @@ class ACDCPairs(PairDataset):
         fg_ed, fg_es = ed_lab.reshape(len(ed_lab), -1).any(1), es_lab.reshape(len(es_lab), -1).any(1)
         keep = {"foreground": fg_ed & fg_es, "any": fg_ed | fg_es, "all": np.ones_like(fg_ed)}[self.slice_filter]
         union = ((ed_lab > 0) | (es_lab > 0)).any(0) if self.roi == "heart" else None
-        box = _square_box(union, ed_lab.shape[1:], getattr(self, "roi_margin", 1.8))
+        box = _square_box(union, ed_lab.shape[1:], self.roi_margin)
         side = box[2]
         spacing2d = (sp[1] * side / self.inner[0], sp[2] * side / self.inner[1])
         recs = []
