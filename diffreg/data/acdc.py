@@ -66,6 +66,7 @@ def _nifti_file(folder: Path, stem: str, what: str) -> Path:
 
 
 def _patient_dirs(root: Path) -> list[Path]:
+    """``patientN`` folders directly under ``root``, else one level down (e.g. ``training/``)."""
     dirs = [d for d in root.iterdir() if d.is_dir() and _PATIENT_DIR.match(d.name)]
     if not dirs:
         dirs = [d for sub in sorted(root.iterdir()) if sub.is_dir()

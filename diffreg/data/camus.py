@@ -11,19 +11,18 @@ CAMUS labels: 0 = background, 1 = LV cavity, 2 = Myo, 3 = LA.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from diffreg.data.acdc import _patient_dirs
 from diffreg.data.io import check_image, check_label, check_same_shape, load_image
 
 __all__ = ["CAMUSView", "find_camus", "load_camus_frame", "CAMUS_LABEL_VALUES", "VIEWS"]
 
 CAMUS_LABEL_VALUES = (0, 1, 2, 3)
 VIEWS = ("2CH", "4CH")
-_PATIENT_DIR = re.compile(r"patient(\d+)$")
 _EXTS = (".nii.gz", ".nii", ".mhd")
 
 
@@ -60,14 +59,11 @@ def find_camus(root: str | Path, views: tuple[str, ...] = ("2CH",)) -> list[CAMU
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"CAMUS root folder not found: {root}")
-    dirs = [d for d in root.iterdir() if d.is_dir() and _PATIENT_DIR.match(d.name)]
-    if not dirs:
-        dirs = [d for sub in sorted(root.iterdir()) if sub.is_dir()
-                for d in sub.iterdir() if d.is_dir() and _PATIENT_DIR.match(d.name)]
+    dirs = _patient_dirs(root)
     if not dirs:
         raise FileNotFoundError(f"no CAMUS patient folders (patientXXXX/) under {root}")
     out = []
-    for d in sorted(dirs, key=lambda p: p.name):
+    for d in dirs:
         for v in views:
             files = {}
             for phase in ("ED", "ES"):
