@@ -11,6 +11,7 @@ Run only the unit tests with ``pytest tests``; one chapter with ``pytest noteboo
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # keeps that backend and the executed chapters, hence the rendered book, would carry no figures. Unset, the
     # kernels use the inline backend and this process matplotlib's default.
     os.environ.pop("MPLBACKEND", None)
+    # Chapters cache their training runs under DIFFREG_RUNS and later chapters reuse earlier ones (e.g. chapter 04
+    # compares with chapter 02's VoxelMorph). A fresh directory per test session keeps a run trained by an older
+    # version of the code from being picked up; set DIFFREG_RUNS to keep runs between sessions.
+    if "DIFFREG_RUNS" not in os.environ:
+        os.environ["DIFFREG_RUNS"] = tempfile.mkdtemp(prefix="diffreg-runs-")
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):

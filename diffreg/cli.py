@@ -5,6 +5,7 @@ Examples::
     python -m diffreg phantom --layout acdc --out /tmp/acdc-phantom --patients 8
     python -m diffreg train --method voxelmorph --profile quick --data phantom --out runs/vm
     python -m diffreg evaluate --run runs/vm --data phantom --out runs/vm/test.csv
+    python -m diffreg evaluate --run runs/dr --option sampler=ddim --option steps=20
 
 ``--data`` takes the same strings as the ``DIFFREG_DATA`` environment variable: ``phantom``, ``phantom:echo``,
 ``acdc:PATH``, ``acdc-h5:PATH``, ``camus:PATH``.
@@ -72,6 +73,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(pairs: list[str]) -> dict[str, object]:
+    """``["steps=20", "sampler=ddim"]`` -> ``{"steps": 20, "sampler": "ddim"}`` (Python literals where they parse)."""
+    import ast
+
+    out: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option must be KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from diffreg.evaluate import evaluate, summarize
     from diffreg.train import load_run
@@ -83,7 +100,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         spec = json.loads(info.read_text())["data"] if info.is_file() else "phantom"
         args.data = spec
     data = _dataset(spec, args.split, cfg)
-    table = evaluate(model, data, progress=True, limit=args.limit)
+    options = _options(args.option)
+    table = evaluate(model, data, progress=True, limit=args.limit, **options)
     out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}.csv"
     table.to_csv(out)
     s = summarize(table)
@@ -130,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="CSV path (default RUN/eval_SPLIT.csv)")
     ev.add_argument("--limit", type=int, default=None)
     ev.add_argument("--device", default=None)
+    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="keyword passed to model.register, e.g. --option steps=20 --option sampler=ddim")
     ev.set_defaults(func=_cmd_evaluate)
     return p
 

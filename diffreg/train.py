@@ -240,17 +240,23 @@ def fit(
     total = tcfg.epochs * steps_per_epoch if tcfg.epochs else tcfg.steps
     stop = min(total, max_steps) if max_steps is not None else total
 
+    out_dir = Path(out) if out is not None else None
+    seed_everything(tcfg.seed + rank)
+    # A model with a stage before the main loop (a teacher network, a frozen autoencoder, data statistics) does it
+    # here; it caches its products in ``out`` so a resumed run does not redo them, and the checkpoint restores them.
+    prepare = getattr(model, "prepare", None)
+    if callable(prepare):
+        prepare(data, out=out_dir, device=device, progress=progress and rank == 0)
+
     optimizer = _make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tcfg, total))
     use_amp = bool(tcfg.amp) and device.type == "cuda"
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.amp_dtype]
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    out_dir = Path(out) if out is not None else None
     cfg_dict = config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(tcfg)}
     start = 0
     resumed_log: dict[str, Any] = {}
-    seed_everything(tcfg.seed + rank)
     if out_dir is not None:
         ckpt_path = out_dir / CHECKPOINT
         if resume and ckpt_path.is_file():

@@ -2,7 +2,7 @@ import csv
 
 import pytest
 
-from diffreg.cli import main
+from diffreg.cli import _options, main
 
 
 def test_phantom_train_evaluate_round_trip(tmp_path, capsys):
@@ -34,3 +34,10 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path / "nothing")]) == 2
     with pytest.raises(SystemExit):
         main(["train", "--method", "not-a-method", "--out", "x"])
+
+
+def test_register_options_are_parsed_as_literals():
+    assert _options(["steps=20", "sampler=ddim", "guidance=None", "eta=0.5"]) == {
+        "steps": 20, "sampler": "ddim", "guidance": None, "eta": 0.5}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _options(["steps"])

@@ -137,3 +137,32 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert "DDP-OK" in proc.stdout
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["step"] == 6 and isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2
+
+
+class _TwoStage(torch.nn.Module):
+    """A model with a first stage: ``prepare`` fits ``offset`` to the data mean and freezes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.zeros(()))
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.prepared = []
+
+    def prepare(self, data, out=None, device=None, progress=False):
+        self.prepared.append(out)
+        with torch.no_grad():
+            self.offset.fill_(float(torch.stack([data[i]["fixed"].mean() for i in range(len(data))]).mean()))
+        self.offset.requires_grad_(False)
+
+    def loss(self, batch):
+        return {"total": ((self.scale * batch["moving"] + self.offset - batch["fixed"]) ** 2).mean()}
+
+
+def test_prepare_runs_before_training_and_frozen_parameters_stay(tmp_path):
+    data = ShiftedBlobs(n=4)
+    model = _TwoStage()
+    expected = float(torch.stack([data[i]["fixed"].mean() for i in range(len(data))]).mean())
+    fit(model, data, _cfg(steps=5), out=tmp_path / "run", progress=False)
+    assert model.prepared == [tmp_path / "run"]
+    assert model.offset.item() == pytest.approx(expected)     # frozen by prepare: not moved by the optimizer
+    assert model.scale.item() != 1.0                           # the rest trains

@@ -340,6 +340,7 @@ class PhantomPairs(PairDataset):
         self.size = _size_tuple(size, dims)
         self.kind, self.split, self.seed, self.frames = kind, split, seed, frames
         self.n_subjects = n_subjects
+        self._noise = noise
         self.subjects = split_indices(n_subjects, split)
         for subj in self.subjects:
             seq = make_phantom(kind, size=self.size, n_frames=n_frames if frames == "all" else 2,
@@ -361,6 +362,29 @@ class PhantomPairs(PairDataset):
 
     def _load(self, i: int) -> dict[str, Any]:
         return self._records[i]
+
+    def sequence(self, subject: int, n_frames: int = 10, noise: bool | None = None):
+        """The whole cine sequence of one subject of this split, with its true motion and labels.
+
+        The anatomy and motion are those of the subject's pairs (same seed); with more frames the sequence holds
+        the intermediate phases between ED and ES, the ground truth of continuous deformation (chapter 04).
+
+        Args:
+            subject: a subject index from :attr:`subjects`.
+            n_frames: frames over the cycle (ED is frame 0, ES at about 40 %).
+            noise: image noise (default: as the dataset).
+
+        Returns:
+            A :class:`diffreg.data.phantom.PhantomSequence` with frames in [0, 1] (map them with the dataset's
+            ``intensity`` to compare with its images).
+
+        Raises:
+            ValueError: ``subject`` is not in this split.
+        """
+        if subject not in self.subjects:
+            raise ValueError(f"subject {subject} is not in the {self.split!r} split (subjects {self.subjects})")
+        return make_phantom(self.kind, size=self.size, n_frames=n_frames, seed=_subject_seed(self.seed, subject),
+                            noise=self._noise if noise is None else noise)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, split={self.split!r}, {len(self.subjects)} subjects, size={self.size}"

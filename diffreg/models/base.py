@@ -3,7 +3,8 @@
 * ``forward(moving, fixed) -> ddf``: the registration field, ``(B, ndim, *spatial)`` in voxels (pull convention:
   ``warped(p) = moving(p + ddf(p))``);
 * ``loss(batch) -> dict[str, Tensor]`` with a ``"total"`` key and every paper term by name;
-* ``register(moving, fixed, **options) -> RegistrationResult(ddf, warped, extras)``.
+* ``register(moving, fixed, **options) -> RegistrationResult(ddf, warped, extras)``;
+* optionally ``prepare(data, out, device, progress)``: a stage run once before training.
 
 The trainer (:mod:`diffreg.train`), the evaluator (:mod:`diffreg.evaluate`) and the benchmark only use this
 interface. Explained in chapter 02 (``notebooks/02_voxelmorph.md``).
@@ -12,6 +13,7 @@ interface. Explained in chapter 02 (``notebooks/02_voxelmorph.md``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +61,21 @@ class RegistrationModel(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         """Training losses for a batch from a pair dataset; ``"total"`` is optimised."""
         raise NotImplementedError
+
+    def prepare(self, data: Any, out: Path | None = None, device: torch.device | None = None,
+                progress: bool = False) -> None:
+        """Work done once before training (called by :func:`diffreg.train.fit` after seeding, before the optimizer
+        is built): e.g. train a teacher network or a frozen first stage, or compute data statistics.
+
+        Args:
+            data: the training dataset.
+            out: the run directory; products are cached there (e.g. ``out / "stage1.pt"``) so a resumed run reuses
+                them. ``None``: cache nothing.
+            device: the training device.
+            progress: show progress bars.
+
+        Parameters frozen here are left out of the optimizer. The default does nothing.
+        """
 
     @torch.no_grad()
     def register(self, moving: torch.Tensor, fixed: torch.Tensor, **options: Any) -> RegistrationResult:

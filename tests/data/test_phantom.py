@@ -161,3 +161,19 @@ def test_phantom_pairs_all_frames_and_3d():
     d3 = PhantomPairs("sax3d", n_subjects=2, split="all", size=(8, 32, 32))
     it = d3[0]
     assert it["moving"].shape == (1, 8, 32, 32) and it["true_ddf"].shape == (3, 8, 32, 32) and d3.dims == 3
+
+
+def test_phantom_pairs_sequence_matches_the_pairs():
+    """``sequence`` regenerates a subject's cycle: its ED/ES frames are the pair's images, with frames in between."""
+    pairs = PhantomPairs("sax", n_subjects=10, split="test", noise=False)
+    subject = pairs.subjects[0]
+    seq = pairs.sequence(subject, n_frames=10)
+    lo, hi = pairs.intensity
+    assert seq.n_frames == 10 and 0 < seq.es < 10
+    np.testing.assert_allclose(seq.frames[seq.es] * (hi - lo) + lo, pairs[0]["moving"][0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(seq.frames[seq.ed] * (hi - lo) + lo, pairs[0]["fixed"][0].numpy(), atol=1e-5)
+    # the motion grows from ED to ES through the intermediate frames
+    mag = [np.abs(seq.motion[k]).mean() for k in range(seq.es + 1)]
+    assert all(a < b for a, b in zip(mag, mag[1:]))
+    with pytest.raises(ValueError, match="not in the 'test' split"):
+        pairs.sequence(max(set(range(10)) - set(pairs.subjects)))
