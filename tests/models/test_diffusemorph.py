@@ -80,10 +80,12 @@ def test_build_and_config():
     model = build("diffusemorph", profile="quick", **SMALL)
     assert isinstance(model, DiffuseMorph) and model.dims == 2
     quick = get_config("diffusemorph", "quick")
-    assert quick.model["lambda_reg"] == 2.0 and quick.train.betas == (0.5, 0.999)
+    assert quick.model["lambda_reg"] == 20.0 and quick.train.betas == (0.5, 0.999)
     paper = get_config("diffusemorph", "paper")
     assert paper.data.dims == 3 and paper.data.size == (32, 128, 128)
     assert paper.model["lambda_reg"] == 20.0 and paper.train.lr == 2e-4 and paper.train.epochs == 800
+    paper2d = get_config("diffusemorph", "paper", 2)           # the paper's 2D setting (faces): lambda 2, lr 5e-6
+    assert paper2d.model["lambda_reg"] == 2.0 and paper2d.train.lr == 5e-6
     assert paper.model["timesteps"] == 2000 and paper.model["beta_start"] == 1e-6 and paper.model["beta_end"] == 1e-2
 
 
