@@ -254,7 +254,10 @@ def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
         return MethodConfig(
             method="diffusemorph",
             profile=profile,
-            model=_diffusemorph_model(dims),
+            # lambda = 20, the paper's cardiac value (l. 202), also in 2D: our 2D data are cardiac slices, not the
+            # faces for which the paper used lambda = 2. With lambda = 2 the 1500 quick steps barely register
+            # (Dice 0.71 -> 0.77 against 0.89-0.92 with lambda = 20 on the held-out phantom pairs).
+            model={**_diffusemorph_model(dims), "lambda_reg": 20.0},
             # lr 1e-3: the paper's 2e-4 (3D) / 5e-6 (2D) is far too slow for a budget of minutes on a CPU
             # (DESIGN.md sec. 4); Adam betas (0.5, 0.999) as in the official code.
             train=TrainConfig(steps=1500 if dims == 2 else 300, lr=1e-3, batch_size=1, betas=(0.5, 0.999),
