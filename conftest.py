@@ -39,6 +39,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Chapters cache their training runs under DIFFREG_RUNS and later chapters reuse earlier ones (e.g. chapter 04
     # compares with chapter 02's VoxelMorph). A fresh directory per test session keeps a run trained by an older
     # version of the code from being picked up; set DIFFREG_RUNS to keep runs between sessions.
+    # OpenMP threads that spin while waiting make PyTorch many times slower on a machine shared with other jobs.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "DIFFREG_RUNS" not in os.environ:
         os.environ["DIFFREG_RUNS"] = tempfile.mkdtemp(prefix="diffreg-runs-")
 

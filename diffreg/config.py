@@ -280,3 +280,286 @@ def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
                         phantom="sax" if dims == 2 else "sax3d"),
         source="Kim, Han, Ye 2022 (DiffuseMorph, ECCV), sec. 3.2 and sec. 4 implementation details",
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiffuseReg (Zhuo & Shen, MICCAI 2024); line numbers refer to the paper text in shared/papers (000_...txt)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _diffusereg_model(dims: int) -> dict[str, Any]:
+    """DiffuseReg at the paper's size (the official configuration where the paper is silent)."""
+    return dict(
+        feature_size=120,  # official train_3D.json "swin_unetR": feature_size 120 (the paper: SwinU-NetR, l. 49)
+        depths=(2, 2, 2, 2),  # official: depths [2, 2, 2, 2]
+        num_heads=(3, 6, 12, 24),  # official: num_heads [3, 6, 12, 24]
+        window=(2, 4, 4) if dims == 3 else (4, 4),  # official 3D window [2, 4, 4]; 2D: ours (not in the paper)
+        mask="paper",  # l. 59 / Fig. 2d: locality mask, full attention to the time token
+        time_in_resblocks=True,  # l. 103, Table 2 "RT": time token in the ResBlocks
+        lambda_sim=1.0,  # l. 79: lambda_1 = 1
+        lambda_reg=0.1,  # l. 79: lambda_2 = 0.1
+        ssim_kernel=9,  # l. 79: "SSIM with kernel size 9"
+        consistency_weighting="none",  # eq. 3: L_sim and L_reg on phi0_hat at every sampled t (official code too)
+        timesteps=2000,  # l. 79: T_train = 2000
+        beta_start=1e-6,  # l. 79: noise schedule from 10^-6 ...
+        beta_end=1e-2,  # l. 79: ... to 10^-2, linear
+        sampler="ddpm",  # l. 82, 86: ancestral sampling from pure noise over all T steps (333 s per volume)
+        sample_steps=None,
+        # l. 79: phi_0 from a pre-trained VTN (ADDD); ours: a VoxelMorph-2 trained like chapter 02's paper profile
+        teacher=dict(layout="vm2", similarity="ncc", smooth_weight=1.0),
+        teacher_steps=150_000,
+        teacher_lr=1e-4,
+    )
+
+
+@register_profile("diffusereg")
+def _diffusereg_profile(profile: str, dims: int | None) -> MethodConfig:
+    if profile == "quick":
+        dims = dims or 2
+        model = _diffusereg_model(dims)
+        model.update(
+            # a denoiser of ~0.85 M parameters instead of ~437 M (feature size 8 instead of 120; heads keep the
+            # per-head width at 4-8 channels)
+            feature_size=8,
+            num_heads=(2, 2, 4, 8),
+            # T = 200 instead of 2000 so that a full DDPM chain costs seconds on a CPU; betas 1e-5 ... 0.1 keep the
+            # paper's end-point noise level (abar_T ~ e^-10 in both)
+            timesteps=200,
+            beta_start=1e-5,
+            beta_end=0.1,
+            sampler="ddim",  # 20 DDIM steps by default; the chapter also runs DDPM over all T
+            sample_steps=20,
+            teacher_steps=1000 if dims == 2 else 300,  # chapter 02's quick VoxelMorph, shorter
+            # L_sim and L_reg weighted by abar_t: unweighted (the paper), L_reg of the pure-noise estimates at large t
+            # dominates a training of minutes (see DiffuseReg)
+            consistency_weighting="abar",
+            teacher_lr=1e-3,
+        )
+        return MethodConfig(
+            method="diffusereg",
+            profile=profile,
+            model=model,
+            # AdamW + cosine as the paper (l. 79-82); lr 1e-3: the paper's 1e-4 is far too slow for minutes on a CPU
+            train=TrainConfig(steps=600 if dims == 2 else 150, lr=1e-3, optimizer="adamw", weight_decay=1e-4,
+                              scheduler="cosine", min_lr_ratio=0.01, batch_size=1, log_every=25,
+                              checkpoint_every=200),
+            # sizes must be divisible by 32 (Swin-UNETR: patch 2 and four merges)
+            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (32, 64, 64),
+                            phantom="sax" if dims == 2 else "sax3d"),
+            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+        )
+    dims = dims or 3
+    return MethodConfig(
+        method="diffusereg",
+        profile=profile,
+        model=_diffusereg_model(dims),
+        # l. 79-82: AdamW, weight decay 1e-4, batch 1, cosine annealing from 1e-4, 1200 epochs; the official
+        # config anneals to eta_min 1e-6 (min_lr_ratio 0.01)
+        train=TrainConfig(epochs=1200, lr=1e-4, optimizer="adamw", weight_decay=1e-4, scheduler="cosine",
+                          min_lr_ratio=0.01, batch_size=1, log_every=100, checkpoint_every=5000),
+        # l. 84: ACDC 3D; the official image_size [32, 128, 128] (the preprocessing of DiffuseMorph / FSDiffReg)
+        data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128),
+                        phantom="sax" if dims == 2 else "sax3d"),
+        source="Zhuo & Shen 2024 (DiffuseReg, MICCAI), sec. 2-3 and the official configuration train_3D.json",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDiffReg (Qin & Li, MICCAI 2023); line numbers refer to the paper text in shared/papers (002_...txt)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fsdiffreg_model() -> dict[str, Any]:
+    """FSDiffReg's architecture and loss weights (the same in both profiles)."""
+    return dict(
+        # l. 94: "DDPM UNet's 3D encoder as our shared encoder and DDPM UNet's 3D decoder as our diffusion decoder",
+        # the registration decoder of the same shape; widths from the official train_3D.json (inner_channel 8,
+        # channel_multiplier [1, 2, 4, 4], res_blocks 1; GroupNorm 4 and 4 cross-attention heads in its U-Net)
+        widths=(8, 16, 32, 32),
+        num_res_blocks=1,
+        norm_groups=4,
+        heads=4,
+        fdg=True,  # l. 54-66, eq. 2-3: Feature-wise Diffusion-Guided module
+        sdg=True,  # l. 68-76, eq. 4: Score-wise Diffusion-Guided loss
+        gamma=1.0,  # l. 94: gamma = 1
+        lambda_sim=20.0,  # l. 86 and l. 94: lambda = 20
+        lambda_smooth=20.0,  # l. 86 and l. 94: lambda_phi = 20
+        ncc_window=9,  # official crossCorrelation3D kernel (9, 9, 9)
+        timesteps=2000,  # l. 94: "over 2000 timesteps"
+        beta_start=1e-6,  # l. 94: noise schedule from 10^-6 ...
+        beta_end=1e-2,  # l. 94: ... to 10^-2 (linear in the official config)
+    )
+
+
+@register_profile("fsdiffreg")
+def _fsdiffreg_profile(profile: str, dims: int | None) -> MethodConfig:
+    if profile == "quick":
+        dims = dims or 2
+        return MethodConfig(
+            method="fsdiffreg",
+            profile=profile,
+            model=_fsdiffreg_model(),
+            # lr 1e-3: the paper's 2e-4 is far too slow for a budget of minutes on a CPU (DESIGN.md sec. 4);
+            # Adam betas (0.5, 0.999) as in the official code.
+            train=TrainConfig(steps=300 if dims == 2 else 100, lr=1e-3, batch_size=1, betas=(0.5, 0.999),
+                              scheduler="constant", log_every=50, checkpoint_every=500),
+            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (16, 64, 64),
+                            phantom="sax" if dims == 2 else "sax3d"),
+            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+        )
+    dims = dims or 3
+    return MethodConfig(
+        method="fsdiffreg",
+        profile=profile,
+        model=_fsdiffreg_model(),
+        # l. 94: Adam, lr 2e-4, batch size 1, at most 700 epochs; betas (0.5, 0.999) from the official code
+        train=TrainConfig(epochs=700, lr=2e-4, batch_size=1, betas=(0.5, 0.999), scheduler="constant",
+                          log_every=100, checkpoint_every=5000),
+        # l. 92: ACDC resampled to 1.5 x 1.5 x 3.15 mm and cropped to 128 x 128 x 32 (array order D, H, W)
+        data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128),
+                        phantom="sax" if dims == 2 else "sax3d"),
+        source="Qin & Li 2023 (FSDiffReg, MICCAI), sec. 2.4 and 3 (implementation details), official train_3D.json",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LDM-Morph (Wu & Gong 2024); line numbers refer to the paper text in shared/papers (003_...txt)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register_profile("ldm-morph")
+def _ldm_morph_profile(profile: str, dims: int | None) -> MethodConfig:
+    dims = dims or 2  # the paper is 2D (l. 72); 3D builds the same network with 3D blocks
+    if profile == "quick":
+        return MethodConfig(
+            method="ldm-morph",
+            profile=profile,
+            model=dict(
+                # three levels instead of four and small widths: a 64 x 64 image has 2 x 2 tokens at a fourth level
+                embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4), window_size=4, patch_size=4, mlp_ratio=4.0,
+                qkv_bias=False, drop_path_rate=0.0, lgca_heads=2,
+                use_ldm_features=True, use_lgca=True,
+                beta=0.6,  # l. 198
+                lambda_smooth=0.01,  # l. 198
+                ae_channels=(8, 16), ae_res_layers=1, ae_embeddings=256, ae_embedding_dim=1,
+                ldm_channels=(8, 16, 16), ldm_attention=(False, False, False), ldm_res_blocks=2,
+                ldm_head_channels=8, ldm_norm_groups=8,
+                timesteps=1000, beta_start=0.0015, beta_end=0.0195, feature_t=1, feature_noise="ddim",
+                # stage 1 in a few hundred steps at lr 2e-3 (CPU minutes)
+                ae_steps=100, ae_lr=2e-3, ae_batch=16, ldm_steps=150, ldm_lr=2e-3, ldm_batch=16, stage1_seed=0,
+                cache_features=True,  # exact speed-up: stage 1 is frozen and DDIM inversion is deterministic
+            ),
+            # lr 1e-3 and batch 4: the paper's 1e-4 and batch 1 are far too slow for a budget of minutes on a CPU
+            # (DESIGN.md sec. 4); a batch of 4 costs less than twice a batch of 1 at this size.
+            train=TrainConfig(steps=150, lr=1e-3, batch_size=4, scheduler="constant", log_every=15,
+                              checkpoint_every=150),
+            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (32, 64, 64), intensity=(0.0, 1.0),
+                            phantom="echo" if dims == 2 else "sax3d", n_subjects=50),
+            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+        )
+    return MethodConfig(
+        method="ldm-morph",
+        profile=profile,
+        model=dict(
+            # lower stream (sec. 3.3.1; official get_SelfAttention_config): patch 4, embedding 64, depths 2/2/4/2,
+            # heads 4/4/8/8, window 7, MLP ratio 4, no qkv bias, stochastic depth 0.3
+            embed_dim=64, depths=(2, 2, 4, 2), num_heads=(4, 4, 8, 8), window_size=7, patch_size=4, mlp_ratio=4.0,
+            qkv_bias=False, drop_path_rate=0.3,
+            lgca_heads=4,  # official get_CrossAttention_config: num_heads[0] = 4 in every LWCA module
+            use_ldm_features=True, use_lgca=True,  # the full model (Table 3, last row)
+            beta=0.6,  # l. 198: beta = 0.6
+            lambda_smooth=0.01,  # l. 198: lambda = 0.01
+            # l. 198: VQGAN, one latent map at 1/4 resolution; official autoencoder_camus_vq16: ch 128,
+            # ch_mult 1,2,4, num_res_blocks 2, z_channels 1, n_embed 16384
+            ae_channels=(128, 256, 512), ae_res_layers=2, ae_embeddings=16384, ae_embedding_dim=1,
+            # l. 198: three layers per encoder level, 64 channels; official casmus-ldm-vq16-64ch: channel_mult
+            # 1,2,3,4, num_res_blocks 2, attention_resolutions 8,4,2, num_head_channels 32
+            ldm_channels=(64, 128, 192, 256), ldm_attention=(False, True, True, True), ldm_res_blocks=2,
+            ldm_head_channels=32, ldm_norm_groups=32,
+            timesteps=1000,  # l. 104: T = 1000
+            beta_start=0.0015, beta_end=0.0195,  # official LDM config: linear_start / linear_end
+            feature_t=1,  # l. 198: features extracted at t = 1
+            feature_noise="ddim",  # l. 106: DDIM inversion with t steps
+            # stage 1 (not stated in the paper): official configs, lr = base_lr x batch x accumulation
+            # (autoencoder 4.5e-6 x 10 x 2, LDM 1e-6 x 20); the number of steps is ours
+            ae_steps=50_000, ae_lr=9e-5, ae_batch=20, ldm_steps=50_000, ldm_lr=2e-5, ldm_batch=20, stage1_seed=0,
+            cache_features=False,
+        ),
+        # l. 198: Adam, lr 1e-4, batch 1; 24,000 iterations in the official train.py (the paper keeps the best
+        # validation checkpoint, l. 198, which diffreg.train does not do)
+        train=TrainConfig(steps=24_000, lr=1e-4, batch_size=1, scheduler="constant", log_every=100,
+                          checkpoint_every=2000),
+        # l. 188: 112 x 112 resized and padded to 128 x 128, intensities [0, 1]
+        data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128), intensity=(0.0, 1.0),
+                        phantom="echo" if dims == 2 else "sax3d", n_subjects=40),
+        source="Wu & Gong 2024 (LDM-Morph), sec. 3-4.2; official LDM-Morph configs and train.py",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DRDM (Zheng et al. 2024); line numbers refer to the paper text in shared/papers (004_...txt)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _drdm_model(dims: int) -> dict[str, Any]:
+    """DRDM's forward process, recovery network and loss weights at the paper's settings."""
+    return dict(
+        widths=(10, 20, 40),  # Appendix A / official RecResACNet: 10, 20, 40 channels (2D: 435,435 trainable)
+        time_dim=100,  # official RecResACNet: time_emb_dim 100
+        recursions=2,  # l. 199: K = 2
+        timesteps=80,  # l. 357: T = 80
+        alpha=0.6, beta=1.0,  # l. 359: n_t = floor(t^0.6), alpha = 0.6, beta = 1
+        cum_alpha=1.3, cum_beta=1.5,  # l. 359: n_{t:1} = floor(t^1.3 / 1.5) in practice
+        # ours: finest-scale SD as a fraction of the image size, for fresh fields at every composition (the official
+        # v_scale 4e-5 is for one field composed with itself); gives ~4 % mean / ~11 % max displacement at T' = 70
+        sigma=2e-3,
+        scales=4,  # eq. 6, m = 3: official control grids 64, 32, 16, 8
+        canvas=2.0,  # l. 357: h, w, d twice H, W, D
+        control_spacing=8 if dims == 2 else 4,  # official ctl_sz = 64 on the 512 (2D) / 256 (3D) canvas
+        perturb=0.05,  # l. 357: 5 % disturbance of the created DVF
+        lambda_dist=1.0, lambda_ang=1.0, lambda_reg=10.0,  # l. 362: lambda_1 = 1, lambda_2 = 1, lambda_3 = 10
+        eps=1e-2,
+        train_on=("moving", "fixed"),
+        work_size=None,
+    )
+
+
+@register_profile("drdm")
+def _drdm_profile(profile: str, dims: int | None) -> MethodConfig:
+    if profile == "quick":
+        dims = dims or 2
+        model = _drdm_model(dims)
+        model.update(
+            widths=(8, 16, 32),  # a smaller recovery U-Net (282,513 parameters in 2D)
+            # DRDM works at half the data size and its fields are resized to 64 x 64 (the paper resizes generated
+            # fields to the downstream size, l. 351); the canvas is 64, the control grid 32 (16, 8 below it)
+            work_size=(32, 32) if dims == 2 else (16, 32, 32),
+            control_spacing=2,
+            scales=3,
+        )
+        return MethodConfig(
+            method="drdm",
+            profile=profile,
+            model=model,
+            # lr 1e-3: the paper's 1e-4 is far too slow for a budget of minutes on a CPU (DESIGN.md sec. 4); each
+            # step trains on 2 x batch_size images (moving and fixed of every pair)
+            train=TrainConfig(steps=300 if dims == 2 else 100, lr=1e-3, batch_size=2, scheduler="constant",
+                              log_every=25, checkpoint_every=100),
+            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (16, 64, 64),
+                            phantom="sax" if dims == 2 else "sax3d"),
+            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+        )
+    dims = dims or 2
+    return MethodConfig(
+        method="drdm",
+        profile=profile,
+        model=_drdm_model(dims),
+        # l. 362: Adam, lr 1e-4, batch 64 (2D) / 4 (3D) images, 1000 (2D) / 2000 (3D) epochs; a pair gives two
+        # training images (moving and fixed), hence 32 / 2 pairs per batch
+        train=TrainConfig(epochs=1000 if dims == 2 else 2000, lr=1e-4, batch_size=32 if dims == 2 else 2,
+                          scheduler="constant", log_every=100, checkpoint_every=5000),
+        # l. 357: 256 x 256 (2D cardiac MRI), 128^3 (3D CT)
+        data=DataConfig(dims=dims, size=(256, 256) if dims == 2 else (128, 128, 128),
+                        phantom="sax" if dims == 2 else "sax3d"),
+        source="Zheng et al. 2024 (DRDM), sec. 2-3.3 and Appendix A; official def_diff_rec RecResACNet and configs",
+    )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -616,7 +617,10 @@ def player_html(frames: Sequence[Any], titles: Sequence[str] | None = None, inte
                             overlays=overlays, suptitle=suptitle, **kwargs)
     limit = max(float(matplotlib.rcParams["animation.embed_limit"]), _EMBED_LIMIT_MB)
     with matplotlib.rc_context({"animation.embed_limit": limit, "animation.frame_format": "png"}):
-        return anim.to_jshtml(embed_frames=embed_frames, default_mode=mode)
+        html = anim.to_jshtml(embed_frames=embed_frames, default_mode=mode)
+    # matplotlib links its button icons (font-awesome) from a CDN; the book theme ships the same icon font, and a
+    # page opened from disk must not depend on the network.
+    return re.sub(r'<link[^>]*font-awesome[^>]*>\s*', "", html)
 
 
 def player(frames: Sequence[Any], titles: Sequence[str] | None = None, interval: int = 200,

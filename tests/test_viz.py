@@ -170,3 +170,10 @@ def test_style_and_label_colours():
         assert matplotlib.rcParams["figure.dpi"] == 90 and not matplotlib.rcParams["axes.grid"]
     assert viz.label_colors("acdc")[3] == viz.label_colors("camus")[1] == viz.COLORS["LV"]
     assert viz.label_cmap("camus").N == 4
+
+
+def test_player_needs_no_network():
+    """The player's HTML embeds its frames and links nothing external (it must work from disk, offline)."""
+    html = viz.player_html([np.zeros((8, 8)), np.ones((8, 8))])
+    assert "data:image/png;base64," in html
+    assert "http://" not in html and "https://" not in html

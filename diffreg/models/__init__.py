@@ -11,10 +11,14 @@ from typing import Any
 from diffreg.config import MethodConfig, get_config
 from diffreg.models.base import RegistrationModel, RegistrationResult
 from diffreg.models.diffusemorph import DiffuseMorph
+from diffreg.models.diffusereg import DiffuseReg
+from diffreg.models.drdm import DRDM
+from diffreg.models.fsdiffreg import FSDiffReg
+from diffreg.models.ldm_morph import LDMMorph
 from diffreg.models.voxelmorph import VoxelMorph, VoxelMorphDiff
 
 __all__ = [
-    "RegistrationModel", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff", "DiffuseMorph", "build", "MODELS",
+    "RegistrationModel", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff", "DiffuseMorph", "DiffuseReg", "FSDiffReg", "LDMMorph", "DRDM", "build", "MODELS",
 ]
 
 #: registry name -> model class
@@ -22,6 +26,10 @@ MODELS: dict[str, type[RegistrationModel]] = {
     "voxelmorph": VoxelMorph,
     "voxelmorph-diff": VoxelMorphDiff,
     "diffusemorph": DiffuseMorph,
+    "diffusereg": DiffuseReg,
+    "drdm": DRDM,
+    "fsdiffreg": FSDiffReg,
+    "ldm-morph": LDMMorph,
 }
 
 
