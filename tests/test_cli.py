@@ -41,3 +41,21 @@ def test_register_options_are_parsed_as_literals():
         "steps": 20, "sampler": "ddim", "guidance": None, "eta": 0.5}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         _options(["steps"])
+
+
+def test_drdm_synthesize_writes_a_readable_dataset_and_leaves_the_input_alone(tmp_path):
+    from diffreg.data import open_dataset
+
+    root = tmp_path / "acdc-h5"
+    assert main(["phantom", "--layout", "acdc-h5", "--out", str(root), "--patients", "3"]) == 0
+    before = sorted((p.name, p.stat().st_size) for p in root.rglob("*"))
+    run = tmp_path / "drdm"
+    assert main(["train", "--method", "drdm", "--data", f"acdc-h5:{root}", "--out", str(run), "--steps", "2"]) == 0
+    out = tmp_path / "augmented"
+    assert main(["synthesize", "--run", str(run), "--data", f"acdc-h5:{root}", "--out", str(out), "--copies", "1",
+                 "--levels", "30"]) == 0
+    assert sorted((p.name, p.stat().st_size) for p in root.rglob("*")) == before      # input untouched
+    synthetic = open_dataset(f"acdc-h5:{out}", split="all", dims=2)
+    assert len(synthetic) > 0 and set(synthetic[0]["moving_label"].unique().tolist()) <= {0, 1, 2, 3}
+    # an output folder inside the input is refused
+    assert main(["synthesize", "--run", str(run), "--data", f"acdc-h5:{root}", "--out", str(root / "x")]) == 2
