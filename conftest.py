@@ -41,6 +41,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # version of the code from being picked up; set DIFFREG_RUNS to keep runs between sessions.
     # OpenMP threads that spin while waiting make PyTorch many times slower on a machine shared with other jobs.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The unit tests use small tensors: one thread is faster than two and leaves the other core to a chapter kernel.
+    import torch
+
+    torch.set_num_threads(1)
     if "DIFFREG_RUNS" not in os.environ:
         os.environ["DIFFREG_RUNS"] = tempfile.mkdtemp(prefix="diffreg-runs-")
 
