@@ -340,3 +340,37 @@ def test_consistency_weighting_abar():
     assert w[1] < 0.01 and float(weighted["reg"]) < 0.5 * float(plain["reg"])  # the t ~ T estimate is muted
     with pytest.raises(ValueError):
         DiffuseReg(dims=2, consistency_weighting="snr", **SMALL)
+
+
+class OracleV(Oracle):
+    """The oracle in the v-parameterization: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0."""
+
+    def forward(self, x, t, moving=None, fixed=None, cond=None):
+        eps = super().forward(x, t)
+        a = self.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        return a.sqrt() * eps - (1 - a).sqrt() * self.x0
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 6)])
+def test_v_parameterization_oracle_returns_phi0(sampler, steps):
+    model, phi0 = _with_oracle(b=2)
+    model.parameterization = "v"
+    model.denoiser = OracleV(model.schedule, model.denoiser.x0)
+    res = model.register(*_pair(2, (32, 32), b=2), sampler=sampler, steps=steps)
+    assert torch.allclose(res.ddf, phi0, atol=1e-3)
+    with pytest.raises(ValueError):
+        DiffuseReg(dims=2, parameterization="x0", **SMALL)
+
+
+def test_v_weighting_is_eq4_over_abar():
+    torch.manual_seed(0)
+    model = DiffuseReg(dims=2, **SMALL).eval()
+    m, f = _pair(2, (32, 64), b=2)
+    noise, t = torch.randn(2, 2, 32, 64), torch.tensor([3, 40])
+    batch = {"moving": m, "fixed": f}
+    single = [model.loss({"moving": m[i:i + 1], "fixed": f[i:i + 1]}, t=t[i:i + 1], noise=noise[i:i + 1])["diffuse"]
+              for i in range(2)]
+    model.diffusion_weighting = "v"
+    w = 1 / model.schedule.alphas_cumprod[t].float()
+    assert torch.allclose(model.loss(batch, t=t, noise=noise)["diffuse"], (w[0] * single[0] + w[1] * single[1]) / 2,
+                          rtol=1e-4)
