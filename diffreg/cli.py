@@ -32,8 +32,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 def _dataset(spec: str, split: str, cfg) -> object:
     from diffreg.data import open_dataset
 
-    if spec.strip().lower() == "phantom" and cfg.data.phantom == "echo":  # the profile's phantom (e.g. LDM-Morph: echo)
-        spec = "phantom:echo"
+    if spec.strip().lower() == "phantom":  # the profile's phantom kind (sax, sax3d, or echo for LDM-Morph)
+        spec = f"phantom:{cfg.data.phantom}"
     extra = {"n_subjects": cfg.data.n_subjects} if spec.strip().lower().startswith("phantom") else {}
     return open_dataset(spec, split=split, dims=cfg.data.dims, profile=cfg.profile, size=cfg.data.size, **extra)
 

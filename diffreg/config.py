@@ -128,6 +128,20 @@ class MethodConfig:
         )
 
 
+#: ``source`` of every quick profile
+QUICK_SOURCE = "quick profile: small enough for a 2-core CPU; same architecture as the paper profile"
+
+
+def _cardiac_phantom(dims: int) -> str:
+    """The short-axis phantom kind for ``dims``: ``"sax"`` (2D slices) or ``"sax3d"`` (3D stacks)."""
+    return "sax" if dims == 2 else "sax3d"
+
+
+def _cardiac_data(dims: int, size_2d: tuple[int, ...], size_3d: tuple[int, ...]) -> DataConfig:
+    """Short-axis cardiac data at ``size_2d`` or ``size_3d`` (array order) with the matching phantom."""
+    return DataConfig(dims=dims, size=size_2d if dims == 2 else size_3d, phantom=_cardiac_phantom(dims))
+
+
 _REGISTRY: dict[str, Callable[[str, int], MethodConfig]] = {}
 
 
@@ -191,8 +205,8 @@ def _voxelmorph(profile: str, dims: int | None, diffeomorphic: bool) -> MethodCo
             # lr 1e-3: 1e-4 (the paper's) is far too slow for a budget of minutes on a CPU (DESIGN.md sec. 4).
             train=TrainConfig(steps=1500 if dims == 2 else 300, lr=1e-3, batch_size=1, scheduler="constant",
                               log_every=50, checkpoint_every=500),
-            data=DataConfig(dims=dims, size=size, phantom="sax" if dims == 2 else "sax3d"),
-            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+            data=DataConfig(dims=dims, size=size, phantom=_cardiac_phantom(dims)),
+            source=QUICK_SOURCE,
         )
     dims = dims or 3
     size = (128, 128) if dims == 2 else (32, 128, 128)
@@ -210,7 +224,7 @@ def _voxelmorph(profile: str, dims: int | None, diffeomorphic: bool) -> MethodCo
         # Balakrishnan 2019 sec. IV-C: Adam, lr 1e-4, batch 1; trained to convergence (~150k iterations).
         train=TrainConfig(steps=150_000, lr=1e-4, batch_size=1, scheduler="constant", log_every=100,
                           checkpoint_every=5000),
-        data=DataConfig(dims=dims, size=size, phantom="sax" if dims == 2 else "sax3d"),
+        data=DataConfig(dims=dims, size=size, phantom=_cardiac_phantom(dims)),
         source="Balakrishnan et al. 2019 (VoxelMorph), Dalca et al. 2019 (VoxelMorph-diff)",
     )
 
@@ -262,9 +276,8 @@ def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
             # (DESIGN.md sec. 4); Adam betas (0.5, 0.999) as in the official code.
             train=TrainConfig(steps=1500 if dims == 2 else 300, lr=1e-3, batch_size=1, betas=(0.5, 0.999),
                               scheduler="constant", log_every=50, checkpoint_every=500),
-            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (16, 64, 64),
-                            phantom="sax" if dims == 2 else "sax3d"),
-            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+            data=_cardiac_data(dims, (64, 64), (16, 64, 64)),
+            source=QUICK_SOURCE,
         )
     dims = dims or 3
     return MethodConfig(
@@ -276,8 +289,7 @@ def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
         train=TrainConfig(epochs=800 if dims == 3 else 40, lr=2e-4 if dims == 3 else 5e-6, batch_size=1,
                           betas=(0.5, 0.999), scheduler="constant", log_every=100, checkpoint_every=5000),
         # l. 196: ACDC cropped to 128 x 128 x 32
-        data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128),
-                        phantom="sax" if dims == 2 else "sax3d"),
+        data=_cardiac_data(dims, (128, 128), (32, 128, 128)),
         source="Kim, Han, Ye 2022 (DiffuseMorph, ECCV), sec. 3.2 and sec. 4 implementation details",
     )
 
@@ -350,9 +362,8 @@ def _diffusereg_profile(profile: str, dims: int | None) -> MethodConfig:
                               scheduler="cosine", min_lr_ratio=0.01, batch_size=1, log_every=25,
                               checkpoint_every=200),
             # sizes must be divisible by 32 (Swin-UNETR: patch 2 and four merges)
-            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (32, 64, 64),
-                            phantom="sax" if dims == 2 else "sax3d"),
-            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+            data=_cardiac_data(dims, (64, 64), (32, 64, 64)),
+            source=QUICK_SOURCE,
         )
     dims = dims or 3
     return MethodConfig(
@@ -364,8 +375,7 @@ def _diffusereg_profile(profile: str, dims: int | None) -> MethodConfig:
         train=TrainConfig(epochs=1200, lr=1e-4, optimizer="adamw", weight_decay=1e-4, scheduler="cosine",
                           min_lr_ratio=0.01, batch_size=1, log_every=100, checkpoint_every=5000),
         # l. 84: ACDC 3D; the official image_size [32, 128, 128] (the preprocessing of DiffuseMorph / FSDiffReg)
-        data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128),
-                        phantom="sax" if dims == 2 else "sax3d"),
+        data=_cardiac_data(dims, (128, 128), (32, 128, 128)),
         source="Zhuo & Shen 2024 (DiffuseReg, MICCAI), sec. 2-3 and the official configuration train_3D.json",
     )
 
@@ -410,8 +420,7 @@ def _fsdiffreg_profile(profile: str, dims: int | None) -> MethodConfig:
             # Adam betas (0.5, 0.999) as in the official code.
             train=TrainConfig(steps=300 if dims == 2 else 100, lr=1e-3, batch_size=1, betas=(0.5, 0.999),
                               scheduler="constant", log_every=50, checkpoint_every=500),
-            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (16, 64, 64),
-                            phantom="sax" if dims == 2 else "sax3d"),
+            data=_cardiac_data(dims, (64, 64), (16, 64, 64)),
             source="quick profile: small enough for a 2-core CPU; the paper's architecture at half its widths",
         )
     dims = dims or 3
@@ -423,8 +432,7 @@ def _fsdiffreg_profile(profile: str, dims: int | None) -> MethodConfig:
         train=TrainConfig(epochs=700, lr=2e-4, batch_size=1, betas=(0.5, 0.999), scheduler="constant",
                           log_every=100, checkpoint_every=5000),
         # l. 92: ACDC resampled to 1.5 x 1.5 x 3.15 mm and cropped to 128 x 128 x 32 (array order D, H, W)
-        data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128),
-                        phantom="sax" if dims == 2 else "sax3d"),
+        data=_cardiac_data(dims, (128, 128), (32, 128, 128)),
         source="Qin & Li 2023 (FSDiffReg, MICCAI), sec. 2.4 and 3 (implementation details), official train_3D.json",
     )
 
@@ -462,7 +470,7 @@ def _ldm_morph_profile(profile: str, dims: int | None) -> MethodConfig:
                               checkpoint_every=150),
             data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (32, 64, 64), intensity=(0.0, 1.0),
                             phantom="echo" if dims == 2 else "sax3d", n_subjects=50),
-            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+            source=QUICK_SOURCE,
         )
     return MethodConfig(
         method="ldm-morph",
@@ -552,9 +560,8 @@ def _drdm_profile(profile: str, dims: int | None) -> MethodConfig:
             # step trains on 2 x batch_size images (moving and fixed of every pair)
             train=TrainConfig(steps=300 if dims == 2 else 100, lr=1e-3, batch_size=2, scheduler="constant",
                               log_every=25, checkpoint_every=100),
-            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (16, 64, 64),
-                            phantom="sax" if dims == 2 else "sax3d"),
-            source="quick profile: small enough for a 2-core CPU; same architecture as the paper profile",
+            data=_cardiac_data(dims, (64, 64), (16, 64, 64)),
+            source=QUICK_SOURCE,
         )
     dims = dims or 2
     return MethodConfig(
@@ -566,7 +573,6 @@ def _drdm_profile(profile: str, dims: int | None) -> MethodConfig:
         train=TrainConfig(epochs=1000 if dims == 2 else 2000, lr=1e-4, batch_size=32 if dims == 2 else 2,
                           scheduler="constant", log_every=100, checkpoint_every=5000),
         # l. 357: 256 x 256 (2D cardiac MRI), 128^3 (3D CT)
-        data=DataConfig(dims=dims, size=(256, 256) if dims == 2 else (128, 128, 128),
-                        phantom="sax" if dims == 2 else "sax3d"),
+        data=_cardiac_data(dims, (256, 256), (128, 128, 128)),
         source="Zheng et al. 2024 (DRDM), sec. 2-3.3 and Appendix A; official def_diff_rec RecResACNet and configs",
     )
