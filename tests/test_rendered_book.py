@@ -186,7 +186,8 @@ def book_browser():
 @pytest.mark.parametrize("page", _book_pages())
 def test_rendered_book_page(page, book_browser):
     """One page of the built book: no error output, traceback, blank widget, missing image or empty player, and
-    nothing a figure or player needs comes from the network. Warnings (e.g. MathJax from a CDN) are reported."""
+    nothing comes from the network: the book bundles MathJax (book/_static/mathjax), so its formulas are typeset
+    offline too. Other warnings are reported."""
     name = page.relative_to(BOOK).as_posix()
     findings = check_book.check_static(page, BOOK)
     if check_book.redirect_target(page) is None:
@@ -195,5 +196,6 @@ def test_rendered_book_page(page, book_browser):
     for f in findings:
         if f.severity != check_book.ERROR:
             warnings.warn(str(f), UserWarning, stacklevel=1)
-    bad = check_book.errors(findings)
+    bad = check_book.errors(findings) + [f for f in findings if f.kind in ("math", "network")
+                                         and f.severity != check_book.ERROR]
     assert not bad, f"{name}:\n" + "\n".join(f"  [{f.kind}] {f.message}" for f in bad)
