@@ -74,15 +74,15 @@ class Table(list):
         return path
 
     def to_markdown(self, digits: int = 3) -> str:
-        """A Markdown table (numbers rounded to ``digits``)."""
+        """A Markdown table (numbers rounded to ``digits``; a ``|`` inside a cell, as in ``|J|<0``, is escaped)."""
         cols = self.columns()
 
         def fmt(v: Any) -> str:
             if isinstance(v, float):
                 return "nan" if math.isnan(v) else f"{v:.{digits}f}"
-            return str(v)
+            return str(v).replace("|", "\\|")
 
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines = ["| " + " | ".join(fmt(c) for c in cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in self]
         return "\n".join(lines)
 

@@ -66,3 +66,12 @@ def test_compare_wilcoxon_and_summary():
     with pytest.raises(ValueError, match="reference"):
         compare(tables, reference="nope")
     assert isinstance(Table([{"a": 1.0}]).mean("a"), float)
+
+
+def test_markdown_escapes_pipes_in_cells():
+    # "|J|<0" in a header or cell must not split the column (rendered by markdown-it, as MyST does in the book)
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark").enable("table").render(Table([{"|J|<0 (%)": 0.5, "note": "a|b"}]).to_markdown())
+    assert html.count("<th>") == 2 and html.count("<td>") == 2
+    assert "<th>|J|&lt;0 (%)</th>" in html and "<td>a|b</td>" in html

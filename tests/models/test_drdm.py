@@ -110,6 +110,26 @@ def test_magnitude_grows_with_t_as_eq10():
     assert model.sample_ddf((32, 32), 0, batch=2).abs().max() == 0
 
 
+def test_shared_field_grows_linearly_and_points_along_the_diffused_ddf():
+    # fields="shared" (the official sampler): one unit field composed with itself, so in the small-displacement limit
+    # psi_{t:1} = n_{t:1} u (SD ratio n2 / n1, not sqrt) and psi_t = n_t u is parallel to it; with fresh fields
+    # (eq. 2) psi_t is only the share n_t / n_{t:1} of independent fields: the cosine is about sqrt(n_t / n_{t:1})
+    shared, fresh = DRDM(sigma=1e-5, fields="shared", **SMALL), DRDM(sigma=1e-5, **SMALL)
+    sd = {t: shared.sample_ddf((32, 32), t, batch=4, generator=torch.Generator().manual_seed(0)).std().item()
+          for t in (10, 40)}  # the same unit fields at both levels
+    assert abs(sd[40] / sd[10] / (shared.n_cum(40) / shared.n_cum(10)) - 1) < 0.02
+    images = _blob((32, 32), b=8)
+    t = torch.full((8,), 40)
+    cos = {}
+    for name, model in (("shared", shared), ("fresh", fresh)):
+        d = model.diffuse(images, t, generator=torch.Generator().manual_seed(1), perturb=0)
+        cos[name] = torch.nn.functional.cosine_similarity(d["dvf"].flatten(1), d["ddf"].flatten(1)).mean().item()
+    expected_fresh = math.sqrt(fresh.n_t(40) / fresh.n_cum(40))
+    assert cos["shared"] > 0.99 and abs(cos["fresh"] - expected_fresh) < 0.1, (cos, expected_fresh)
+    with pytest.raises(ValueError, match="fields"):
+        DRDM(fields="stationary")
+
+
 def test_negative_jacobian_penalty_detects_folding():
     size = (24, 24)
     x0 = torch.arange(size[0], dtype=torch.float32).view(-1, 1).expand(size)
