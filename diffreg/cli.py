@@ -1,4 +1,4 @@
-"""Command line: ``python -m diffreg {phantom,train,evaluate,synthesize}``.
+"""Command line: ``python -m diffreg {phantom,train,evaluate,synthesize,speed,bench}``.
 
 Examples::
 
@@ -6,6 +6,8 @@ Examples::
     python -m diffreg train --method voxelmorph --profile quick --data phantom --out runs/vm
     python -m diffreg evaluate --run runs/vm --data phantom --out runs/vm/test.csv
     python -m diffreg evaluate --run runs/dr --option sampler=ddim --option steps=20
+    python -m diffreg speed --method voxelmorph --profile paper --dims 3 --steps 20 --out speed.csv
+    python -m diffreg bench --methods all --profile quick --data phantom --runs runs --out bench
 
 ``--data`` takes the same strings as the ``DIFFREG_DATA`` environment variable: ``phantom``, ``phantom:echo``,
 ``acdc:PATH``, ``acdc-h5:PATH``, ``camus:PATH``.
@@ -264,6 +266,42 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_speed(args: argparse.Namespace) -> int:
+    """Training-step time, inference time per pair and peak memory of one method (:mod:`diffreg.speed`)."""
+    from diffreg.speed import append_csv, format_row, measure_speed, table_header
+
+    result = measure_speed(args.method, profile=args.profile, dims=args.dims, steps=args.steps, amp=args.amp,
+                           device=args.device, batch_size=args.batch_size, sampler_steps=args.sampler_steps,
+                           size=args.size, train=not args.no_train,
+                           inference=not args.no_inference)
+    print(table_header())
+    print(format_row(result))
+    if args.out:
+        print(f"appended to {append_csv(result, args.out)}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Every method (or the ones named) trained or reused from ``RUNS/<method>`` and evaluated on the same held-out
+    pairs; results, summary and figures in ``--out`` (:mod:`diffreg.bench`)."""
+    from diffreg.bench import run_bench
+
+    try:
+        res = run_bench(args.methods, profile=args.profile, data=args.data, runs=args.runs, out=args.out,
+                        dims=args.dims, limit=args.limit, device=args.device, options=args.option, steps=args.steps,
+                        size=args.size, split=args.split, progress=True)
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, reason in res["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    for name, table in res["tables"].items():
+        print(f"{name:16s} dice {table.mean('dice_initial'):.3f} -> {table.mean('dice'):.3f} "
+              f"± {table.std('dice'):.3f}, folding {table.mean('folding_percent'):.3f} %, {table.mean('seconds'):.3f} s/pair")
+    print("wrote " + ", ".join(str(p) for p in res["paths"].values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m diffreg``."""
     from diffreg.config import methods
@@ -314,6 +352,40 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--device", default=None)
     sy.set_defaults(func=_cmd_synthesize)
+
+    sp = sub.add_parser("speed", help="time training steps and inference, and measure peak memory")
+    sp.add_argument("--method", required=True, choices=methods())
+    sp.add_argument("--profile", default="paper", choices=["quick", "paper"])
+    sp.add_argument("--dims", type=int, choices=[2, 3], default=None)
+    sp.add_argument("--steps", type=int, default=5, help="timed training steps (after 1 CPU / 2 GPU warm-up steps)")
+    sp.add_argument("--amp", action="store_true", help="mixed precision (CUDA only, the profile's amp_dtype)")
+    sp.add_argument("--batch-size", type=int, default=None, help="default: the profile's")
+    sp.add_argument("--size", type=int, nargs="+", default=None, help="override the spatial size")
+    sp.add_argument("--sampler-steps", type=int, nargs="+", default=None,
+                    help="DiffuseReg: DDIM step counts timed at inference; DRDM: deformation levels T'")
+    sp.add_argument("--no-inference", action="store_true", help="time training steps only")
+    sp.add_argument("--no-train", action="store_true", help="time inference only")
+    sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    sp.add_argument("--out", default=None, help="CSV file the row is appended to")
+    sp.set_defaults(func=_cmd_speed)
+
+    be = sub.add_parser("bench", help="train or reuse every method and compare them on the same held-out pairs")
+    be.add_argument("--methods", nargs="+", default=["all"], metavar="NAME",
+                    help="all (every registration method but drdm, plus syn) or names: "
+                         f"{', '.join(m for m in methods() if m != 'drdm')}, syn")
+    be.add_argument("--profile", default="quick", choices=["quick", "paper"])
+    be.add_argument("--data", default="phantom", help="phantom | acdc:PATH | acdc-h5:PATH | camus:PATH")
+    be.add_argument("--runs", required=True, help="folder of run directories RUNS/<method> (reused when finished)")
+    be.add_argument("--out", required=True, help="folder for results.csv, summary.md and the figures")
+    be.add_argument("--dims", type=int, choices=[2, 3], default=None)
+    be.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out pairs")
+    be.add_argument("--steps", type=int, default=None, help="training steps of every method (default: profile's)")
+    be.add_argument("--size", type=int, nargs="+", default=None, help="override the spatial size of the data")
+    be.add_argument("--split", default="test", choices=["test", "val"])
+    be.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    be.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                    help="keyword passed to one method's register, e.g. --option diffusereg:steps=50")
+    be.set_defaults(func=_cmd_bench)
     return p
 
 

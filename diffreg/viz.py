@@ -41,7 +41,7 @@ __all__ = [
     "set_style", "COLORS", "LABEL_NAMES", "LABEL_COLORS", "label_colors", "label_cmap", "to_numpy", "image2d",
     "field2d", "jacobian_map", "show_pair", "overlay_labels", "plot_grid", "flow_rgb", "plot_flow", "plot_quiver",
     "plot_jacobian", "registration_figure", "small_multiples", "player", "player_html", "player_animation",
-    "training_curve", "boxplot_table",
+    "training_curve", "boxplot_table", "METHOD_COLORS", "boxplot_methods", "methods_figure",
 ]
 
 #: book colours: one per cardiac structure (the same structure has the same colour in ACDC and CAMUS; Okabe-Ito,
@@ -714,6 +714,16 @@ def training_curve(log: str | Path | Iterable[Mapping[str, Any]], keys: Sequence
     return fig
 
 
+def _finish(fig: Figure, ax: Axes, ylabel: str | None, title: str | None) -> Figure:
+    """Label the y axis and title a one-axes figure, tighten its layout and return it."""
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def boxplot_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str | None = None,
                   ylabel: str | None = None) -> Figure:
     """Box plots, one per column, of a per-case table (a list of row dicts, e.g. :func:`diffreg.evaluate.evaluate`).
@@ -735,9 +745,144 @@ def boxplot_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], tit
     ax.set_xticks(range(1, len(columns) + 1), ticks, rotation=30 if len(columns) > 4 else 0,
                   ha="right" if len(columns) > 4 else "center")
     ax.grid(alpha=0.3, axis="y")
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
+    return _finish(fig, ax, ylabel, title)
+
+
+#: colours of methods in comparisons (Okabe-Ito order, then grey), assigned in the order the methods are given
+METHOD_COLORS: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
+                                  "#000000", "#999999")
+
+
+def boxplot_methods(tables: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[str],
+                    labels: Sequence[str] | None = None, title: str | None = None, ylabel: str | None = "Dice",
+                    figsize: tuple[float, float] | None = None) -> Figure:
+    """Grouped box plots: one group per column (e.g. per structure), one coloured box per method in each group.
+
+    The benchmark's ``boxplot_dice.png`` (LDM-Morph Fig. 4 shows DSC distributions per method this way). NaN and
+    non-numeric values are dropped (a Dice is NaN when the structure is absent); the triangle marks the mean.
+
+    Args:
+        tables: method name -> per-case table (row dicts, e.g. :func:`diffreg.evaluate.evaluate`).
+        columns: the columns compared (groups, left to right).
+        labels: group labels (default: the column names).
+        title, ylabel: axis texts.
+        figsize: default: wide enough for every box.
+
+    Returns:
+        The Figure (one axes with a legend of the methods).
+
+    Raises:
+        ValueError: no tables or no columns.
+    """
+    names = list(tables)
+    if not names or not columns:
+        raise ValueError("boxplot_methods needs at least one table and one column.")
+    k = len(names)
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=figsize or (max(4.0, 0.3 * k * len(columns) + 1.8), 3.0))
+    for j, name in enumerate(names):
+        color = METHOD_COLORS[j % len(METHOD_COLORS)]
+        data = []
+        for c in columns:
+            v = np.array([_float_or_none(r.get(c)) for r in tables[name]], dtype=float)
+            v = v[np.isfinite(v)]
+            data.append(v if v.size else [np.nan])
+        positions = [g + (j - (k - 1) / 2) * width for g in range(len(columns))]
+        ax.boxplot(data, positions=positions, widths=width * 0.85, showmeans=True, patch_artist=True,
+                   boxprops=dict(facecolor=color, alpha=0.55, edgecolor=color),
+                   medianprops=dict(color="black", lw=1.0), whiskerprops=dict(color=color),
+                   capprops=dict(color=color), flierprops=dict(marker=".", markersize=3, markeredgecolor=color),
+                   meanprops=dict(marker="^", markersize=4, markerfacecolor="white", markeredgecolor="black"))
+    ax.set_xticks(range(len(columns)), list(labels) if labels else list(columns))
+    ax.set_xlim(-0.5, len(columns) - 0.5)
+    ax.grid(alpha=0.3, axis="y")
+    handles = [Line2D([], [], color=METHOD_COLORS[j % len(METHOD_COLORS)], lw=6, alpha=0.55, label=n)
+               for j, n in enumerate(names)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _finish(fig, ax, ylabel, title)
+
+
+def methods_figure(moving: Any, fixed: Any, fields: Mapping[str, Any], moving_label: Any = None,
+                   fixed_label: Any = None, label_set: str = "acdc", notes: Mapping[str, str] | None = None,
+                   step: int = 4, axis: int = 0, slice_index: int | None = None) -> Figure:
+    """One pair registered by several methods: a row per method with the warped moving image, ``|fixed - warped|``
+    and the deformation grid (FSDiffReg Fig. 3 shows its comparison this way), below a row with the inputs.
+
+    Every method's ``warped`` is ``diffreg.spatial.warp(moving, ddf)`` of the same ``moving``, so the rows differ
+    only by their fields. With labels, the warped moving labels are drawn solid and the fixed labels dashed.
+
+    Args:
+        moving, fixed: the pair (see the module doc); one shared grey scale.
+        fields: method name -> ``(B, ndim, *spatial)`` or ``(ndim, *spatial)`` displacement in voxels.
+        moving_label, fixed_label: optional integer label maps of the pair.
+        label_set: ``"acdc"`` or ``"camus"``.
+        notes: method name -> text added to its row title (e.g. the pair's Dice).
+        step: grid spacing of the deformation grid, voxels.
+        axis, slice_index: the slice of 3D inputs.
+
+    Returns:
+        The Figure with ``(1 + len(fields)) x 3`` axes.
+
+    Raises:
+        ValueError: no fields.
+    """
+    import torch
+
+    from diffreg.spatial import warp as _warp
+
+    if not fields:
+        raise ValueError("methods_figure needs at least one field.")
+    kw = dict(axis=axis, slice_index=slice_index)
+    m_t = torch.as_tensor(to_numpy(moving)).float()
+    nd = _field_nd(next(iter(fields.values()))).shape[0]
+    while m_t.dim() < nd + 2:
+        m_t = m_t[None]
+    m_t = m_t[:1, :1]
+    ml_t = None
+    if moving_label is not None:
+        ml_t = torch.as_tensor(to_numpy(moving_label)).long()
+        while ml_t.dim() < nd + 2:
+            ml_t = ml_t[None]
+        ml_t = ml_t[:1, :1]
+    f2, m2 = image2d(fixed, **kw), image2d(moving, **kw)
+    lo, hi = min(float(f2.min()), float(m2.min())), max(float(f2.max()), float(m2.max()))
+    rows = 1 + len(fields)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.2, 2.4 * rows), squeeze=False)
+
+    def show(ax: Axes, img: np.ndarray, label: Any = None) -> None:
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        if label is not None:
+            overlay_labels(ax, img, label, label_set, legend=False, show_image=False, **kw)
+        if fixed_label is not None:
+            overlay_labels(ax, img, fixed_label, label_set, legend=False, show_image=False, linestyle="--",
+                           linewidth=0.8, **kw)
+        _clean(ax)
+
+    diffs = {"input": np.abs(f2 - m2)}
+    warped: dict[str, tuple[np.ndarray, Any]] = {}
+    for name, ddf in fields.items():
+        u = torch.as_tensor(_field_nd(ddf)).float()[None]
+        w = _warp(m_t, u)
+        wl = _warp(ml_t, u, mode="nearest") if ml_t is not None else None
+        warped[name] = (image2d(w, **kw), wl)
+        diffs[name] = np.abs(f2 - warped[name][0])
+    dmax = max(float(d.max()) for d in diffs.values()) or 1.0
+    show(axes[0, 0], m2, moving_label)
+    axes[0, 0].set_title("moving")
+    show(axes[0, 1], f2)
+    axes[0, 1].set_title("fixed")
+    axes[0, 2].imshow(diffs["input"], cmap="magma", vmin=0, vmax=dmax)
+    _clean(axes[0, 2], "|fixed - moving|")
+    axes[0, 0].set_ylabel("input")
+    for i, (name, ddf) in enumerate(fields.items(), start=1):
+        w2, wl = warped[name]
+        show(axes[i, 0], w2, wl)
+        axes[i, 0].set_title("warped moving")
+        axes[i, 1].imshow(diffs[name], cmap="magma", vmin=0, vmax=dmax)
+        _clean(axes[i, 1], "|fixed - warped|")
+        plot_grid(axes[i, 2], ddf, step=step, background=fixed, **kw)
+        axes[i, 2].set_title("deformation grid")
+        note = (notes or {}).get(name)
+        axes[i, 0].set_ylabel(f"{name}\n{note}" if note else name)
     fig.tight_layout()
     return fig

@@ -10,6 +10,7 @@ from typing import Any
 
 from diffreg.config import MethodConfig, get_config
 from diffreg.models.base import RegistrationModel, RegistrationResult
+from diffreg.models.classical import ANTsSyN
 from diffreg.models.diffusemorph import DiffuseMorph
 from diffreg.models.diffusereg import DiffuseReg
 from diffreg.models.drdm import DRDM
@@ -18,7 +19,8 @@ from diffreg.models.ldm_morph import LDMMorph
 from diffreg.models.voxelmorph import VoxelMorph, VoxelMorphDiff
 
 __all__ = [
-    "RegistrationModel", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff", "DiffuseMorph", "DiffuseReg", "FSDiffReg", "LDMMorph", "DRDM", "build", "MODELS",
+    "RegistrationModel", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff", "DiffuseMorph", "DiffuseReg",
+    "FSDiffReg", "LDMMorph", "DRDM", "ANTsSyN", "build", "MODELS",
 ]
 
 #: registry name -> model class

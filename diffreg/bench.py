@@ -1,0 +1,613 @@
+"""The benchmark: every registration method of the book, and ANTs SyN, on the same held-out pairs.
+
+:func:`run_bench` (and ``python -m diffreg bench``) does, for each method:
+
+1. **a trained model**: the run directory ``RUNS/<method>`` is reused when it holds a finished run
+   (:func:`diffreg.train.load_run`); otherwise the method is trained there by :func:`diffreg.train.fit` at the
+   profile's budget (``steps`` overrides it, as ``python -m diffreg train --steps`` does; an interrupted run is
+   resumed). ANTs SyN (``"syn"``, :class:`diffreg.models.classical.ANTsSyN`) has nothing to train: it optimises
+   every pair;
+2. **the same held-out pairs** for every method: one dataset (``split``, default ``"test"``, and ``limit``) opened
+   once at the benchmark's data configuration, that of ``voxelmorph`` at the profile and ``dims`` (size, phantom
+   kind and number of phantom subjects). Every method is trained on the ``"train"`` split of the same data at that
+   size. A method whose profile scales images to another range (LDM-Morph: [0, 1]) sees the same pairs mapped
+   linearly to its range (:class:`IntensityView`); labels, true motion and fields are unchanged;
+3. :func:`diffreg.evaluate.evaluate` (per-case Dice, Jacobian statistics, HD95, EPE on phantoms, seconds per pair).
+
+``"all"`` is every method of :func:`diffreg.config.methods` but DRDM, which generates deformations and does not
+register pairs (its ``register`` raises ``NotImplementedError``; chapters 08-09), plus ``"syn"`` when ``antspyx`` is
+installed. Outputs in ``out``: ``results.csv`` (one row per method and pair, ``method`` first), ``summary.md``
+(mean ± std per column, paired Wilcoxon signed-rank p-values of the per-case Dice against VoxelMorph from
+:func:`diffreg.evaluate.compare`, and per method the training budget, the inference options, device and date),
+``boxplot_dice.png`` and ``qualitative.png`` (:func:`make_figures`), ``examples.pt`` (the fields of the
+qualitative pair, to redraw it with :func:`load_results`).
+
+Example (a notebook; the command line is ``python -m diffreg bench --methods all --profile quick --data phantom
+--runs runs --out bench``)::
+
+    from diffreg.bench import run_bench, make_figures
+    res = run_bench(["voxelmorph", "syn"], profile="quick", data="phantom", runs="runs", out="bench", limit=4)
+    res["summary"]                       # a Table: renders as Markdown in a notebook
+    figs = make_figures(res["tables"], res["examples"])
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from diffreg.config import DataConfig, MethodConfig, get_config, methods
+from diffreg.evaluate import Table, compare, evaluate, read_csv
+
+__all__ = ["run_bench", "make_figures", "load_results", "bench_methods", "parse_options", "bench_data",
+           "IntensityView", "SUMMARY_COLUMNS", "SKIPPED", "CLASSICAL", "REFERENCE"]
+
+#: the method every other is tested against (paired Wilcoxon signed-rank test of the per-case Dice)
+REFERENCE = "voxelmorph"
+#: methods of :func:`diffreg.config.methods` left out of the benchmark, with the reason written to ``summary.md``
+SKIPPED: dict[str, str] = {
+    "drdm": "DRDM generates deformations of one image and does not register pairs (DRDM.register raises "
+            "NotImplementedError); chapter 09 evaluates it downstream, through VoxelMorph trained on DRDM pairs.",
+}
+#: methods with nothing to train, optimised per pair
+CLASSICAL: dict[str, str] = {"syn": "ANTs SyN (antspyx), diffreg.models.classical.ANTsSyN"}
+#: summary columns in order (the per-structure Dice columns present in the tables are inserted after ``dice``)
+SUMMARY_COLUMNS = ("dice_initial", "dice", "folding_percent", "jacobian_std", "sdlogj", "hd95", "epe_initial", "epe",
+                   "seconds")
+#: the order of "all": the reference, its diffeomorphic variant, then the book's chapters (others after, sorted)
+_ORDER = (REFERENCE, "voxelmorph-diff", "diffusemorph", "fsdiffreg", "diffusereg", "ldm-morph")
+_AGGREGATE = {
+    "acdc": "dice = flat mean of the LV, Myo, LV+Myo, RV and whole-heart Dice per pair (DiffuseMorph / FSDiffReg / "
+            "DiffuseReg)",
+    "camus": "dice = LV Dice (LDM-Morph on CAMUS)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# methods, options, data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bench_methods(names: str | Sequence[str] = "all") -> tuple[list[str], dict[str, str]]:
+    """Expand a method selection into ``(methods to run, {skipped method: reason})``.
+
+    ``"all"`` (alone or in a list) is every method of :func:`diffreg.config.methods` but those in :data:`SKIPPED`,
+    plus ``"syn"`` when ``antspyx`` can be imported (otherwise ``"syn"`` is reported as skipped), in the order
+    VoxelMorph (the reference), VoxelMorph-diff, the chapters' methods, SyN; explicitly named methods keep theirs. A named method of
+    :data:`SKIPPED` is skipped with its reason.
+
+    Raises:
+        ValueError: an unknown name or an empty selection.
+    """
+    from diffreg.models.classical import ants_available
+
+    names = [names] if isinstance(names, str) else list(names)
+    known = set(methods()) | set(CLASSICAL)
+    unknown = [n for n in names if n != "all" and n not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: all, {', '.join(sorted(known))}")
+    if not names:
+        raise ValueError("no method selected")
+    skipped: dict[str, str] = {}
+    out: list[str] = []
+    for n in names:
+        if n == "all":
+            trained = [m for m in methods() if m not in SKIPPED]
+            trained.sort(key=lambda m: (_ORDER.index(m) if m in _ORDER else len(_ORDER), m))
+            skipped.update({m: r for m, r in SKIPPED.items() if m in methods()})
+            expanded = trained + list(CLASSICAL)
+            if not ants_available():
+                expanded.remove("syn")
+                skipped["syn"] = "antspyx is not installed (see requirements.txt: pip install --no-deps antspyx==0.6.3)"
+        elif n in SKIPPED:
+            skipped[n] = SKIPPED[n]
+            expanded = []
+        else:
+            expanded = [n]
+        out += [m for m in expanded if m not in out]
+    return out, skipped
+
+
+def parse_options(pairs: Iterable[str] | None) -> dict[str, dict[str, Any]]:
+    """``["diffusereg:steps=50", "syn:reg_iterations=(40, 20, 10)"]`` -> ``{"diffusereg": {"steps": 50}, "syn":
+    {"reg_iterations": (40, 20, 10)}}`` (values as Python literals where they parse, strings otherwise).
+
+    Raises:
+        ValueError: an entry not of the form ``METHOD:KEY=VALUE``.
+    """
+    import ast
+
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs or []:
+        method, colon, rest = pair.partition(":")
+        key, eq, value = rest.partition("=")
+        if not colon or not eq or not method.strip() or not key.strip():
+            raise ValueError(f"--option must be METHOD:KEY=VALUE (e.g. diffusereg:steps=50), got {pair!r}")
+        try:
+            parsed: Any = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        out.setdefault(method.strip(), {})[key.strip()] = parsed
+    return out
+
+
+def bench_data(profile: str = "quick", dims: int | None = None, size: Sequence[int] | None = None) -> DataConfig:
+    """The benchmark's data configuration: :data:`REFERENCE`'s at ``profile`` and ``dims``, ``size`` overriding
+    its spatial size (array order)."""
+    cfg = get_config(REFERENCE, profile, dims).data
+    if size is not None:
+        size = tuple(int(s) for s in size)
+        if len(size) != cfg.dims:
+            raise ValueError(f"size {size} does not have {cfg.dims} entries (dims={cfg.dims})")
+        cfg.size = size
+    return cfg
+
+
+def _open(spec: str, split: str, data: DataConfig, profile: str,
+          intensity: tuple[float, float] | None = None) -> Dataset:
+    """A pair dataset from a ``DIFFREG_DATA`` string at the benchmark's data configuration."""
+    from diffreg.data import open_dataset
+
+    kwargs: dict[str, Any] = {}
+    if spec.strip().lower() == "phantom":  # the reference's phantom kind (sax or sax3d)
+        spec = f"phantom:{data.phantom}"
+    if spec.strip().lower().startswith("phantom"):
+        kwargs["n_subjects"] = data.n_subjects
+    if intensity is not None:
+        kwargs["intensity"] = tuple(intensity)
+    return open_dataset(spec, split=split, dims=data.dims, profile=profile, size=data.size, **kwargs)
+
+
+class IntensityView(Dataset):
+    """The items of a pair dataset with ``moving`` and ``fixed`` mapped linearly from its ``intensity`` range to
+    another; every other key (labels, ``true_ddf``, ``case``, ``spacing``) and attribute is the dataset's own.
+
+    Args:
+        base: a pair dataset with an ``intensity`` attribute ``(lo, hi)``.
+        intensity: the target range ``(lo, hi)``.
+    """
+
+    def __init__(self, base: Dataset, intensity: tuple[float, float]) -> None:
+        self.base = base
+        self.intensity = (float(intensity[0]), float(intensity[1]))
+        lo, hi = base.intensity
+        self._scale = (self.intensity[1] - self.intensity[0]) / (hi - lo)
+        self._shift = self.intensity[0] - lo * self._scale
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.base[i])
+        for k in ("moving", "fixed"):
+            item[k] = item[k] * self._scale + self._shift
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+class _Recorder(nn.Module):
+    """Wraps a model for :func:`evaluate`: records the scalar ``extras`` of its first registration (sampler,
+    steps, ...) and the field of one given pair, without an extra registration."""
+
+    def __init__(self, model: nn.Module, example: dict[str, torch.Tensor] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.example = example
+        self.extras: dict[str, Any] | None = None
+        self.example_ddf: torch.Tensor | None = None
+
+    def register(self, moving: torch.Tensor, fixed: torch.Tensor, **options: Any):
+        result = self.model.register(moving, fixed, **options)
+        if self.extras is None:
+            self.extras = {k: v for k, v in result.extras.items() if isinstance(v, (str, int, float, bool))}
+        ex = self.example
+        if (ex is not None and self.example_ddf is None and moving.shape == ex["moving"].shape
+                and torch.equal(moving.detach().cpu(), ex["moving"])
+                and torch.equal(fixed.detach().cpu(), ex["fixed"])):
+            self.example_ddf = result.ddf.detach().float().cpu()
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models: reuse, train, or build the classical one
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _total_steps(cfg: MethodConfig, n_train: int) -> int:
+    """Steps of a full run (as :func:`diffreg.train.fit` counts them, one process)."""
+    t = cfg.train
+    return t.epochs * math.ceil(n_train / t.batch_size) if t.epochs else t.steps
+
+
+def _last_log_seconds(run_dir: Path) -> float | None:
+    import csv
+
+    log = run_dir / "log.csv"
+    if not log.is_file():
+        return None
+    with open(log, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    try:
+        return float(rows[-1]["seconds"]) if rows else None
+    except (KeyError, ValueError):
+        return None
+
+
+#: stages a model trains in ``prepare`` before the main loop: (name, steps key, batch key or fixed batch)
+_STAGES = (("teacher", "teacher_steps", 1), ("autoencoder", "ae_steps", "ae_batch"),
+           ("latent U-Net", "ldm_steps", "ldm_batch"))
+
+
+def _stage_budget(cfg: MethodConfig) -> str:
+    """Budgets of the stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's stage 1)."""
+    parts = []
+    for name, steps_key, batch in _STAGES:
+        if steps_key in cfg.model:
+            b = cfg.model.get(batch, 1) if isinstance(batch, str) else batch
+            parts.append(f"{name} {int(cfg.model[steps_key]):,} steps × batch {b}")
+    return f"; before it: {', '.join(parts)}" if parts else ""
+
+
+def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir: Path, steps: int | None,
+                   device: str | torch.device | None, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """Reuse the finished run in ``run_dir`` or train ``name`` there; returns the model and what was done."""
+    from diffreg.models import build
+    from diffreg.train import fit, load_checkpoint, load_run, seed_everything
+
+    cfg = get_config(name, profile, data.dims)
+    if tuple(cfg.data.size) != tuple(data.size):
+        profile_size = tuple(cfg.data.size)
+        cfg.data.size = tuple(data.size)
+    else:
+        profile_size = None
+    cfg.data.phantom, cfg.data.n_subjects = data.phantom, data.n_subjects
+    if steps is not None:
+        cfg.train.steps, cfg.train.epochs = int(steps), None
+    info: dict[str, Any] = {"run": str(run_dir), "profile": profile}
+    notes: list[str] = []
+    if profile_size is not None:
+        notes.append(f"trained at the benchmark size {tuple(data.size)} (profile size {profile_size})")
+
+    stored_cfg, step = None, 0
+    if (run_dir / "config.json").is_file() and (run_dir / "checkpoint.pt").is_file():
+        stored_cfg = MethodConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        if stored_cfg.method != name:
+            raise ValueError(f"{run_dir} holds a {stored_cfg.method!r} run, not {name!r}; use another --runs folder")
+        if stored_cfg.data.dims != data.dims or tuple(stored_cfg.data.size) != tuple(data.size):
+            raise ValueError(f"{run_dir} was trained on {stored_cfg.data.dims}D images of size "
+                             f"{tuple(stored_cfg.data.size)}, the benchmark uses {data.dims}D {tuple(data.size)}; "
+                             "use another --runs folder")
+        step = int(load_checkpoint(run_dir / "checkpoint.pt")["step"])
+    train_data = None
+    if stored_cfg is not None:
+        if stored_cfg.train.epochs:
+            train_data = _open(spec, "train", data, profile, stored_cfg.data.intensity)
+        total = _total_steps(stored_cfg, len(train_data) if train_data is not None else 0)
+        if step >= total:  # finished: reuse as it is
+            model, cfg = load_run(run_dir, device=device or "cpu")
+            info.update(status="reused", config=cfg, steps=step, seconds=_last_log_seconds(run_dir))
+            trained_on = run_dir / "data.json"
+            if trained_on.is_file():
+                src = json.loads(trained_on.read_text()).get("data")
+                if src != spec:
+                    notes.append(f"the reused run was trained on {src!r}")
+            if cfg.profile != profile:
+                notes.append(f"the reused run is a {cfg.profile!r} run")
+            if steps is not None and step != steps:
+                notes.append(f"the reused run was trained for {step:,} steps ({steps:,} asked)")
+            info["notes"] = notes
+            return model, info
+    if train_data is None or tuple(cfg.data.intensity) != tuple(stored_cfg.data.intensity):
+        train_data = _open(spec, "train", data, profile, cfg.data.intensity)
+    seed_everything(cfg.train.seed)
+    model = build(cfg)
+    fit(model, train_data, cfg, out=run_dir, device=device, resume=True, progress=progress)
+    (run_dir / "data.json").write_text(json.dumps({"data": spec, "method": name}))
+    step = int(load_checkpoint(run_dir / "checkpoint.pt")["step"])
+    info.update(status="resumed" if stored_cfg is not None else "trained", config=cfg, steps=step,
+                seconds=_last_log_seconds(run_dir), notes=notes)
+    return model.eval(), info
+
+
+def _budget(info: dict[str, Any]) -> str:
+    cfg: MethodConfig | None = info.get("config")
+    if cfg is None:
+        return info.get("budget", "")
+    b = cfg.train.batch_size
+    text = f"{info['steps']:,} steps × batch {b} = {info['steps'] * b:,} pairs{_stage_budget(cfg)}"
+    if info.get("seconds") is not None:
+        text += f"; {info['seconds']:.0f} s"
+    return f"{text} ({info['status']}, {cfg.profile} profile)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the benchmark
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} " \
+           f"torch threads)"
+
+
+def _summary_columns(tables: Mapping[str, Table]) -> list[str]:
+    cols: list[str] = []
+    for t in tables.values():
+        cols += [c for c in t.columns() if c not in cols]
+    structures = [c for c in cols if c.startswith("dice_") and c != "dice_initial"]
+    order = ["dice_initial", "dice", *structures, *SUMMARY_COLUMNS[2:]]
+    return [c for c in order if c in cols]
+
+
+def _options_text(name: str, model: nn.Module, options: dict[str, Any], extras: dict[str, Any] | None) -> str:
+    if name in CLASSICAL:
+        o = {**model.ants_options, **options}
+        its = "x".join(str(i) for i in o["reg_iterations"])
+        text = (f"{o['type_of_transform']}; {o['syn_metric']} radius {o['syn_sampling']}; {its} iterations; "
+                f"SyN[{o['grad_step']}, {o['flow_sigma']}, {o['total_sigma']}]; seed {model.seed}; "
+                f"{model.threads} thread(s)")
+        shown = ("type_of_transform", "syn_metric", "syn_sampling", "reg_iterations", "grad_step", "flow_sigma",
+                 "total_sigma")
+        rest = {k: v for k, v in options.items() if k not in shown}
+        return text + (f"; {rest}" if rest else "")
+    shown = {**(extras or {}), **options}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) if shown else "one forward pass"
+
+
+def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data: str = "phantom",
+              runs: str | Path = "runs", out: str | Path = "bench", dims: int | None = None,
+              limit: int | None = None, device: str | torch.device | None = None,
+              options: Mapping[str, Mapping[str, Any]] | Sequence[str] | None = None,
+              steps: int | Mapping[str, int] | None = None,
+              size: Sequence[int] | None = None, split: str = "test", example: int = 0, figures: bool = True,
+              progress: bool = False, run_dirs: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
+    """Train (or reuse) and evaluate every selected method on the same held-out pairs; write the results.
+
+    Args:
+        methods: ``"all"`` or method names (:func:`bench_methods`), e.g. ``["voxelmorph", "syn"]``.
+        profile: ``"quick"`` or ``"paper"``.
+        data: a ``DIFFREG_DATA`` string (``"phantom"``, ``"acdc:PATH"``, ...).
+        runs: folder of the run directories, one per method (``runs/<method>``).
+        out: folder for ``results.csv``, ``summary.md``, the figures and ``examples.pt`` (created).
+        dims: 2 or 3 (default: the reference's at ``profile``: quick 2, paper 3).
+        limit: evaluate only the first ``limit`` held-out pairs.
+        device: training and evaluation device (default: CPU). SyN always runs on the CPU.
+        options: per-method ``register`` options, ``{"diffusereg": {"steps": 50}}`` or the command line's
+            ``["diffusereg:steps=50"]``.
+        steps: training steps of every trained method, or ``{method: steps}`` for some of them (default: the
+            profile's budget).
+        size: spatial size of the benchmark data (default: the reference's profile size).
+        split: the held-out split (``"test"``; ``"val"`` to tune).
+        example: index of the held-out pair shown in ``qualitative.png``.
+        figures: write ``boxplot_dice.png`` and ``qualitative.png``.
+        progress: progress bars for training and evaluation.
+        run_dirs: method -> run directory used instead of ``runs/<method>`` (e.g. the runs of the book's chapters,
+            reused when finished; trained there otherwise).
+
+    Returns:
+        dict with ``"tables"`` (method -> per-case :class:`~diffreg.evaluate.Table`), ``"results"`` (all rows, the
+        ``results.csv`` table), ``"summary"`` (the summary :class:`~diffreg.evaluate.Table`), ``"methods"`` (method
+        -> training budget, inference options, notes), ``"skipped"`` (method -> reason), ``"examples"`` (the
+        qualitative pair and every method's field on it), ``"paths"`` (name -> written file) and ``"figures"``.
+
+    Raises:
+        ValueError: unknown methods, options for methods not run, a run directory of another method or size.
+        ImportError: ``"syn"`` named explicitly without ``antspyx``.
+    """
+    from diffreg.models.classical import ANTsSyN, ants_available
+
+    names, skipped = bench_methods(methods)
+    if not names:
+        raise ValueError(f"nothing to run: every selected method is skipped ({skipped})")
+    if any(n in CLASSICAL for n in names) and not ants_available():
+        raise ImportError("the 'syn' baseline needs antspyx (see requirements.txt: pip install --no-deps "
+                          "antspyx==0.6.3)")
+    opts = parse_options(options) if options is not None and not isinstance(options, Mapping) else \
+        {k: dict(v) for k, v in (options or {}).items()}
+    stray = sorted(set(opts) - set(names))
+    if stray:
+        raise ValueError(f"--option given for {stray}, which are not benchmarked ({names})")
+    data_cfg = bench_data(profile, dims, size)
+    runs, out = Path(runs), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    test = _open(data, split, data_cfg, profile)
+    n = len(test) if limit is None else min(int(limit), len(test))
+    if n == 0:
+        raise ValueError(f"no {split!r} pairs in {data!r}")
+    example = min(max(int(example), 0), n - 1)
+    pair = test[example]
+    started = time.time()
+
+    tables: dict[str, Table] = {}
+    info: dict[str, dict[str, Any]] = {}
+    fields: dict[str, torch.Tensor] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        if name in CLASSICAL:
+            model: nn.Module = ANTsSyN(dims=data_cfg.dims)
+            meta: dict[str, Any] = {"budget": "none: optimised per pair", "notes": [
+                "voxel units (spacing 1) like the learned methods; CPU"]}
+            eval_device = torch.device("cpu")
+            intensity = None
+        else:
+            run_dir = Path(run_dirs[name]) if run_dirs and name in run_dirs else runs / name
+            n_steps = steps.get(name) if isinstance(steps, Mapping) else steps
+            model, meta = _trained_model(name, profile, data_cfg, data, run_dir, n_steps, device, progress)
+            eval_device = dev
+            intensity = tuple(meta["config"].data.intensity)
+        view = test if intensity is None or intensity == tuple(test.intensity) else IntensityView(test, intensity)
+        if view is not test:
+            meta.setdefault("notes", []).append(f"images mapped linearly to {intensity}")
+        ex_item = view[example]
+        rec = _Recorder(model, {"moving": ex_item["moving"][None], "fixed": ex_item["fixed"][None]})
+        table = evaluate(rec, view, device=eval_device, progress=progress, limit=n, **opts.get(name, {}))
+        if rec.example_ddf is None:  # the example pair was not among those registered
+            ex = model.register(ex_item["moving"][None].to(eval_device), ex_item["fixed"][None].to(eval_device),
+                                **opts.get(name, {}))
+            rec.example_ddf = ex.ddf.detach().float().cpu()
+        fields[name] = rec.example_ddf
+        tables[name] = table
+        meta["options"] = _options_text(name, model, opts.get(name, {}), rec.extras)
+        meta["wall_seconds"] = time.perf_counter() - t0
+        info[name] = meta
+        del model, rec
+
+    results = Table({"method": name, **row} for name, table in tables.items() for row in table)
+    paths = {"results": results.to_csv(out / "results.csv")}
+    reference = REFERENCE if REFERENCE in tables else names[0]
+    columns = _summary_columns(tables)
+    summary = compare(tables, reference=reference, columns=columns)
+    examples = {"pair": {k: v for k, v in pair.items() if k in ("moving", "fixed", "moving_label", "fixed_label",
+                                                                   "case")},
+                "fields": fields, "labels": getattr(test, "labels", "acdc")}
+    torch.save(examples, out / "examples.pt")
+    paths["examples"] = out / "examples.pt"
+    context = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": _device_text(dev), "data": data, "split": split, "pairs": n, "profile": profile,
+        "dims": data_cfg.dims, "size": tuple(data_cfg.size), "reference": reference,
+        "labels": getattr(test, "labels", "acdc"), "intensity": tuple(test.intensity),
+        "minutes": (time.time() - started) / 60,
+    }
+    paths["summary"] = out / "summary.md"
+    paths["summary"].write_text(_summary_markdown(summary, info, skipped, context))
+    figs: dict[str, Any] = {}
+    if figures:
+        figs = make_figures(tables, examples, out=out)
+        paths.update({k: out / f"{k}.png" for k in figs})
+    return {"tables": tables, "results": results, "summary": summary, "methods": info, "skipped": skipped,
+            "examples": examples, "paths": paths, "figures": figs, "context": context}
+
+
+def _summary_markdown(summary: Table, info: Mapping[str, dict[str, Any]], skipped: Mapping[str, str],
+                      context: Mapping[str, Any]) -> str:
+    ref = context["reference"]
+    pcol = f"p_dice_vs_{ref}"
+    shown = Table()
+    for row in summary:
+        r = dict(row)
+        p = r.get(pcol)
+        if r["method"] == ref:
+            r[pcol] = "(reference)"
+        else:  # NaN: fewer than two pairs, or the Dice equal to the reference's on every pair
+            r[pcol] = "n/a" if p is None or (isinstance(p, float) and math.isnan(p)) else f"{p:.2g}"
+        shown.append(r)
+    lines = [
+        "# Benchmark",
+        "",
+        f"{context['pairs']} held-out pair{'s' if context['pairs'] != 1 else ''} ({context['split']} split) of "
+        f"`{context['data']}`, "
+        f"{context['dims']}D {' x '.join(str(s) for s in context['size'])}, profile `{context['profile']}`; "
+        f"device {context['device']}; {context['date']} ({context['minutes']:.1f} min).",
+        "",
+        "## Results (mean ± std over pairs)",
+        "",
+        shown.to_markdown(),
+        "",
+        f"{_AGGREGATE.get(context['labels'], 'dice = mean over labels')}; `dice_initial` before registration; "
+        "`dice_<structure>` after. `folding_percent` = 100 x fraction of voxels with det J <= 0, `jacobian_std` = "
+        "SD of det J, `sdlogj` = SD of log det J (clipped at 1e-9); `hd95` mean over structures (mm when the data "
+        "give a spacing); `epe` end-point error against the true motion in voxels (phantoms); `seconds` wall time "
+        "of one registration after a warm-up. "
+        f"`{pcol}`: paired Wilcoxon signed-rank test of the per-pair Dice against {ref}.",
+        "",
+        "## Methods",
+        "",
+        "| method | training budget | inference | notes |",
+        "|---|---|---|---|",
+    ]
+    for name, meta in info.items():
+        notes = "; ".join(meta.get("notes", [])) or ""
+        lines.append(f"| {name} | {_budget(meta)} | {meta.get('options', '')} | {notes} |")
+    if skipped:
+        lines += ["", "## Not benchmarked", ""]
+        lines += [f"* **{name}**: {reason}" for name, reason in skipped.items()]
+    lines += ["", "Figures: `boxplot_dice.png` (Dice per structure and method), `qualitative.png` (one pair, "
+              "every method); per-pair rows: `results.csv`.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# figures and reloading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_figures(tables: Mapping[str, Sequence[Mapping[str, Any]]], examples: Mapping[str, Any] | None = None,
+                 out: str | Path | None = None, dpi: int = 110) -> dict[str, Any]:
+    """The benchmark figures from per-method tables (and the qualitative pair's fields).
+
+    Args:
+        tables: method -> per-case table (:func:`run_bench`'s ``"tables"`` or :func:`load_results`).
+        examples: ``{"pair": {moving, fixed, moving_label, fixed_label, case}, "fields": {method: ddf},
+            "labels": "acdc" | "camus"}`` (``run_bench(...)["examples"]``); ``None``: no qualitative figure.
+        out: folder to save ``boxplot_dice.png`` and ``qualitative.png`` in (``None``: do not save).
+        dpi: resolution of the saved PNGs.
+
+    Returns:
+        ``{"boxplot_dice": Figure, "qualitative": Figure}`` (the latter only with ``examples``).
+    """
+    from diffreg import viz
+
+    figs: dict[str, Any] = {}
+    cols: list[str] = []
+    for t in tables.values():
+        cols += [c for c in Table(t).columns() if c not in cols]
+    groups = [c for c in cols if c == "dice" or (c.startswith("dice_") and c != "dice_initial")]
+    labels = ["overall" if c == "dice" else c[len("dice_"):].replace("_", "+").replace("lv", "LV")
+              .replace("myo", "Myo").replace("rv", "RV").replace("la", "LA") for c in groups]
+    figs["boxplot_dice"] = viz.boxplot_methods(tables, groups, labels=labels, title="Dice per structure")
+    if examples is not None and examples.get("fields"):
+        pair = examples["pair"]
+        notes = {}
+        for name, t in tables.items():
+            row = next((r for r in t if r.get("case") == pair.get("case")), None)
+            if row is not None:
+                notes[name] = f"Dice {float(row['dice']):.3f}"
+        fig = viz.methods_figure(pair["moving"], pair["fixed"], examples["fields"], pair.get("moving_label"),
+                                 pair.get("fixed_label"), label_set=examples.get("labels", "acdc"), notes=notes)
+        fig.suptitle(f"{pair.get('case', '')}: warped moving, difference to fixed, deformation grid", y=1.0,
+                     va="bottom")
+        figs["qualitative"] = fig
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, fig in figs.items():
+            fig.savefig(out / f"{name}.png", dpi=dpi, bbox_inches="tight")
+    return figs
+
+
+def load_results(out: str | Path) -> tuple[dict[str, Table], dict[str, Any] | None]:
+    """Read a benchmark folder back: ``(method -> per-case Table, examples or None)`` for :func:`make_figures`.
+
+    Raises:
+        FileNotFoundError: no ``results.csv`` in ``out``.
+    """
+    out = Path(out)
+    path = out / "results.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {out} a benchmark folder (python -m diffreg bench)?")
+    tables: dict[str, Table] = {}
+    for row in read_csv(path):
+        row = dict(row)
+        tables.setdefault(str(row.pop("method")), Table()).append(row)
+    examples = None
+    if (out / "examples.pt").is_file():
+        examples = torch.load(out / "examples.pt", weights_only=True)
+    return tables, examples

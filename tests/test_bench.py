@@ -1,0 +1,169 @@
+"""The ANTs SyN reference (diffreg.models.classical) and the benchmark (diffreg.bench, ``python -m diffreg bench``)."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffreg.bench import IntensityView, bench_methods, load_results, make_figures, parse_options
+from diffreg.cli import main
+from diffreg.data import PhantomPairs, make_sax_2d, make_sax_3d
+from diffreg.evaluate import evaluate
+from diffreg.spatial import identity_grid, warp
+
+
+def _known_field(shape: tuple[int, ...]) -> torch.Tensor:
+    """A smooth ``(1, ndim, *shape)`` field; channel ``k`` varies along axis ``k + 1`` with its own amplitude, so a
+    swap of channels or a wrong sign cannot go unnoticed."""
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    comps = [(2.0 - 0.5 * k) * torch.sin(2 * math.pi * grids[(k + 1) % len(shape)] / shape[(k + 1) % len(shape)] + k)
+             for k in range(len(shape))]
+    return torch.stack(comps)[None]
+
+
+@pytest.mark.parametrize("dims, spacing", [(2, None), (2, (2.0, 1.0)), (3, (3.0, 1.0, 1.5))])
+def test_syn_field_is_a_diffreg_pull_field_in_voxels(tmp_path, dims, spacing):
+    ants = pytest.importorskip("ants")
+    from diffreg.models.classical import ANTsSyN
+
+    size = (64, 64) if dims == 2 else (12, 32, 32)
+    seq = make_sax_2d(size, n_frames=2, seed=3) if dims == 2 else make_sax_3d(size, n_frames=2, seed=3)
+    fixed = torch.from_numpy(seq.frames[0])[None, None]
+    true = _known_field(size)
+    moving = warp(fixed, true)  # moving(p) = fixed(p + true(p))
+    syn = ANTsSyN(dims=dims, spacing=spacing, **({} if dims == 2 else {"reg_iterations": (20, 10, 5)}))
+    result = syn.register(moving, fixed, transforms_dir=tmp_path)
+    assert result.ddf.shape == (1, dims, *size) and result.ddf.dtype == torch.float32
+    assert syn.num_parameters() == 0 and not list(tmp_path.glob("diffreg-syn-*"))
+
+    # diffreg's warp with the converted field == ANTs' own resampling with its transforms (where the sample point
+    # lies inside the image: ANTs pads with 0, diffreg with the border value)
+    f_img = ants.from_numpy(fixed[0, 0].numpy(), spacing=syn.spacing)
+    m_img = ants.from_numpy(moving[0, 0].numpy(), spacing=syn.spacing)
+    reference = ants.apply_transforms(f_img, m_img, result.extras["fwdtransforms"][0]).numpy()
+    pos = identity_grid(size)[None] + result.ddf
+    inside = torch.ones(size, dtype=torch.bool)
+    for k, s in enumerate(size):
+        inside &= (pos[0, k] >= 0) & (pos[0, k] <= s - 1)
+    inside = inside.numpy()
+    assert inside.mean() > 0.7
+    ours = warp(moving, result.ddf)[0, 0].numpy()
+    np.testing.assert_allclose(ours[inside], reference[inside], atol=1e-4)
+    assert np.abs(warp(moving, result.ddf.flip(1))[0, 0].numpy() - reference)[inside].max() > 0.1  # order matters
+    np.testing.assert_allclose(result.extras["warped_ants"][0, 0].numpy(), reference, atol=1e-4)
+    assert torch.allclose(result.warped, warp(moving, result.ddf))
+    # registered: closer to fixed than the input
+    assert ((result.warped - fixed) ** 2).mean() < 0.5 * ((moving - fixed) ** 2).mean()
+
+    if dims == 2:  # the field is the inverse of the known warp: fixed(p) = moving(p + inv(p))
+        inv = -true.clone()
+        for _ in range(30):
+            inv = -warp(true, inv)
+        grad = np.gradient(fixed[0, 0].numpy())
+        mask = np.hypot(*grad) > 0.05  # where the image constrains the field
+        u, v = result.ddf[0].numpy(), inv[0].numpy()
+        for k in range(2):
+            assert np.corrcoef(u[k][mask], v[k][mask])[0, 1] > 0.6
+            assert abs(np.corrcoef(u[k][mask], v[1 - k][mask])[0, 1]) < 0.3
+            assert np.abs(u[k] - v[k])[mask].mean() < 0.6 * np.abs(v[k])[mask].mean()
+
+
+def test_syn_improves_dice_on_phantom_pairs_reproducibly():
+    pytest.importorskip("ants")
+    from diffreg.models.classical import ANTsSyN
+
+    data = PhantomPairs("sax", n_subjects=10, split="test")
+    assert len(data) == 2
+    syn = ANTsSyN(dims=2)
+    table = evaluate(syn, data)  # works without parameters to take the device from
+    for row in table:
+        assert row["dice"] > row["dice_initial"] + 0.1
+        assert row["folding_percent"] < 0.1 and row["seconds"] > 0
+        assert row["epe"] < row["epe_initial"]
+    item = data[0]
+    a = syn.register(item["moving"][None], item["fixed"][None]).ddf
+    b = syn.register(item["moving"][None], item["fixed"][None]).ddf
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="non-zero"):
+        ANTsSyN(dims=2, seed=0)
+    with pytest.raises(ValueError, match="NaN"):
+        syn.register(item["moving"][None] * float("nan"), item["fixed"][None])
+    with pytest.raises(NotImplementedError):
+        syn.loss({})
+
+
+def test_method_selection_and_options():
+    from diffreg.models.classical import ants_available
+
+    names, skipped = bench_methods("all")
+    assert names[0] == "voxelmorph" and "drdm" not in names and "drdm" in skipped
+    assert {"voxelmorph-diff", "diffusemorph", "fsdiffreg", "diffusereg", "ldm-morph"} <= set(names)
+    assert ("syn" in names) == ants_available() and ("syn" in skipped) != ants_available()
+    assert bench_methods(["syn", "voxelmorph", "drdm"])[0] == ["syn", "voxelmorph"]
+    with pytest.raises(ValueError, match="unknown method"):
+        bench_methods(["voxelmorph", "nope"])
+    assert parse_options(["diffusereg:steps=50", "diffusereg:sampler=ddim", "syn:reg_iterations=(4, 2, 1)"]) == {
+        "diffusereg": {"steps": 50, "sampler": "ddim"}, "syn": {"reg_iterations": (4, 2, 1)}}
+    with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
+        parse_options(["steps=50"])
+
+
+def test_intensity_view_is_the_same_pairs_in_another_range():
+    base = PhantomPairs("sax", n_subjects=5, split="test")
+    other = PhantomPairs("sax", n_subjects=5, split="test", intensity=(0.0, 1.0))
+    view = IntensityView(base, (0.0, 1.0))
+    assert len(view) == len(base) and view.labels == base.labels and view.intensity == (0.0, 1.0)
+    a, b = view[0], other[0]
+    torch.testing.assert_close(a["moving"], b["moving"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a["fixed"], b["fixed"], atol=1e-6, rtol=0)
+    assert torch.equal(a["moving_label"], base[0]["moving_label"]) and a["case"] == base[0]["case"]
+
+
+def test_bench_command_end_to_end(tmp_path, capsys):
+    pytest.importorskip("ants")
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["bench", "--methods", "voxelmorph", "syn", "--steps", "5", "--limit", "2", "--runs", str(runs),
+            "--out", str(out), "--option", "syn:reg_iterations=(40, 20, 10)"]
+    assert main(args) == 0
+    for name in ("results.csv", "summary.md", "boxplot_dice.png", "qualitative.png", "examples.pt"):
+        assert (out / name).is_file(), name
+    assert (runs / "voxelmorph" / "checkpoint.pt").is_file() and not (runs / "syn").exists()
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert list(rows[0])[:2] == ["method", "case"]
+    pairs = {(r["method"], r["case"]) for r in rows}
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 2 and pairs == {(m, c) for m in ("voxelmorph", "syn") for c in cases}
+    assert all(math.isfinite(float(r["dice"])) and math.isfinite(float(r["seconds"])) for r in rows)
+    summary = (out / "summary.md").read_text()
+    for text in ("| voxelmorph |", "| syn |", "5 steps × batch 1", "p_dice_vs_voxelmorph", "dice_lv", "40x20x10",
+                 "folding_percent", "epe"):
+        assert text in summary, text
+    # the same pairs for every method
+    dice_initial = {(r["method"], r["case"]): float(r["dice_initial"]) for r in rows}
+    assert all(dice_initial[("syn", c)] == dice_initial[("voxelmorph", c)] for c in cases)
+    # figures can be made again from the folder
+    tables, examples = load_results(out)
+    assert set(tables) == {"voxelmorph", "syn"} and set(examples["fields"]) == {"voxelmorph", "syn"}
+    figs = make_figures(tables, examples)
+    assert set(figs) == {"boxplot_dice", "qualitative"}
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    # a second benchmark reuses the finished run instead of training again
+    capsys.readouterr()
+    assert main(["bench", "--methods", "voxelmorph", "--steps", "5", "--limit", "1", "--runs", str(runs), "--out",
+                 str(tmp_path / "again")]) == 0
+    assert "reused" in (tmp_path / "again" / "summary.md").read_text()
+    assert "VoxelMorph" not in capsys.readouterr().err  # no training progress bar
+
+
+def test_bench_clear_errors(tmp_path, capsys):
+    base = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    assert main(["bench", "--methods", "nope", *base]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["bench", "--methods", "voxelmorph", "--option", "fsdiffreg:steps=3", *base]) == 2
+    assert "fsdiffreg" in capsys.readouterr().err
+    assert main(["bench", "--methods", "drdm", *base]) == 2
+    assert "skipped" in capsys.readouterr().err
