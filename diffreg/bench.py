@@ -1,5 +1,7 @@
 """The benchmark: every registration method of the book, and ANTs SyN, on the same held-out pairs.
 
+Explained in chapter 10 (``notebooks/10_benchmark.md``).
+
 :func:`run_bench` (and ``python -m diffreg bench``) does, for each method:
 
 1. **a trained model**: the run directory ``RUNS/<method>`` is reused when it holds a finished run

@@ -1,5 +1,7 @@
 """Speed and memory of one method at one profile: ``python -m diffreg speed`` and :func:`measure_speed`.
 
+Explained in chapter 10 (``notebooks/10_benchmark.md``).
+
     python -m diffreg speed --method voxelmorph --profile paper --dims 3 --steps 20 [--amp] [--batch-size B]
     python -m diffreg speed --method diffusereg --profile paper --sampler-steps 10 50 --out speed.csv
 

@@ -1,5 +1,7 @@
 """A classical, optimisation-based reference: ANTs SyN (Avants et al., Med. Image Anal. 2008) through ``antspyx``.
 
+Explained in chapter 10 (``notebooks/10_benchmark.md``).
+
 DiffuseMorph (brain MR, Table 3) and LDM-Morph (Table 1, Fig. 4) compare with SyN. :class:`ANTsSyN` wraps
 ``ants.registration(type_of_transform="SyN")`` behind the interface of :class:`~diffreg.models.base.RegistrationModel`,
 so :func:`diffreg.evaluate.evaluate` and the benchmark (:mod:`diffreg.bench`) treat it like the learned models; it
