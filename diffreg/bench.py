@@ -38,8 +38,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -110,7 +108,7 @@ def bench_methods(names: str | Sequence[str] = "all") -> tuple[list[str], dict[s
             expanded = trained + list(CLASSICAL)
             if not ants_available():
                 expanded.remove("syn")
-                skipped["syn"] = "antspyx is not installed (see requirements.txt: pip install --no-deps antspyx==0.6.3)"
+                skipped["syn"] = "antspyx is not installed (pip install -r requirements.txt installs it)"
         elif n in SKIPPED:
             skipped[n] = SKIPPED[n]
             expanded = []
@@ -158,16 +156,10 @@ def bench_data(profile: str = "quick", dims: int | None = None, size: Sequence[i
 def _open(spec: str, split: str, data: DataConfig, profile: str,
           intensity: tuple[float, float] | None = None) -> Dataset:
     """A pair dataset from a ``DIFFREG_DATA`` string at the benchmark's data configuration."""
-    from diffreg.data import open_dataset
+    from diffreg.data import open_configured
 
-    kwargs: dict[str, Any] = {}
-    if spec.strip().lower() == "phantom":  # the reference's phantom kind (sax or sax3d)
-        spec = f"phantom:{data.phantom}"
-    if spec.strip().lower().startswith("phantom"):
-        kwargs["n_subjects"] = data.n_subjects
-    if intensity is not None:
-        kwargs["intensity"] = tuple(intensity)
-    return open_dataset(spec, split=split, dims=data.dims, profile=profile, size=data.size, **kwargs)
+    kwargs = {} if intensity is None else {"intensity": tuple(intensity)}
+    return open_configured(spec, split, data, profile, **kwargs)
 
 
 class IntensityView(Dataset):
@@ -229,24 +221,12 @@ class _Recorder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _total_steps(cfg: MethodConfig, n_train: int) -> int:
-    """Steps of a full run (as :func:`diffreg.train.fit` counts them, one process)."""
-    t = cfg.train
-    return t.epochs * math.ceil(n_train / t.batch_size) if t.epochs else t.steps
-
-
 def _last_log_seconds(run_dir: Path) -> float | None:
-    import csv
-
+    """Training seconds in the last row of ``run_dir/log.csv`` (``None`` without one)."""
     log = run_dir / "log.csv"
-    if not log.is_file():
-        return None
-    with open(log, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    try:
-        return float(rows[-1]["seconds"]) if rows else None
-    except (KeyError, ValueError):
-        return None
+    rows = read_csv(log) if log.is_file() else []
+    seconds = rows[-1].get("seconds") if rows else None
+    return seconds if isinstance(seconds, float) else None
 
 
 #: stages a model trains in ``prepare`` before the main loop: (name, steps key, batch key or fixed batch)
@@ -268,7 +248,7 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
                    device: str | torch.device | None, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
     """Reuse the finished run in ``run_dir`` or train ``name`` there; returns the model and what was done."""
     from diffreg.models import build
-    from diffreg.train import fit, load_checkpoint, load_run, seed_everything
+    from diffreg.train import fit, load_checkpoint, load_run, seed_everything, total_steps
 
     cfg = get_config(name, profile, data.dims)
     if tuple(cfg.data.size) != tuple(data.size):
@@ -298,7 +278,7 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
     if stored_cfg is not None:
         if stored_cfg.train.epochs:
             train_data = _open(spec, "train", data, profile, stored_cfg.data.intensity)
-        total = _total_steps(stored_cfg, len(train_data) if train_data is not None else 0)
+        total = total_steps(stored_cfg.train, len(train_data) if train_data is not None else 0)
         if step >= total:  # finished: reuse as it is
             model, cfg = load_run(run_dir, device=device or "cpu")
             info.update(status="reused", config=cfg, steps=step, seconds=_last_log_seconds(run_dir))
@@ -342,10 +322,9 @@ def _budget(info: dict[str, Any]) -> str:
 
 
 def _device_text(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} " \
-           f"torch threads)"
+    from diffreg.speed import device_name
+
+    return f"{device} ({device_name(device)})"
 
 
 def _summary_columns(tables: Mapping[str, Table]) -> list[str]:
@@ -418,8 +397,7 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
     if not names:
         raise ValueError(f"nothing to run: every selected method is skipped ({skipped})")
     if any(n in CLASSICAL for n in names) and not ants_available():
-        raise ImportError("the 'syn' baseline needs antspyx (see requirements.txt: pip install --no-deps "
-                          "antspyx==0.6.3)")
+        raise ImportError("the 'syn' baseline needs antspyx (pip install -r requirements.txt installs it)")
     opts = parse_options(options) if options is not None and not isinstance(options, Mapping) else \
         {k: dict(v) for k, v in (options or {}).items()}
     stray = sorted(set(opts) - set(names))

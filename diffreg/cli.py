@@ -32,12 +32,9 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _dataset(spec: str, split: str, cfg) -> object:
-    from diffreg.data import open_dataset
+    from diffreg.data import open_configured
 
-    if spec.strip().lower() == "phantom":  # the profile's phantom kind (sax, sax3d, or echo for LDM-Morph)
-        spec = f"phantom:{cfg.data.phantom}"
-    extra = {"n_subjects": cfg.data.n_subjects} if spec.strip().lower().startswith("phantom") else {}
-    return open_dataset(spec, split=split, dims=cfg.data.dims, profile=cfg.profile, size=cfg.data.size, **extra)
+    return open_configured(spec, split, cfg.data, cfg.profile)  # "phantom": the profile's kind (echo for LDM-Morph)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -114,6 +114,12 @@ def _check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
 
 
+def total_steps(cfg: TrainConfig, n_train: int, world: int = 1) -> int:
+    """Optimizer steps of a full run: ``cfg.steps``, or ``cfg.epochs`` passes over ``n_train`` pairs in batches of
+    ``cfg.batch_size`` per process on ``world`` processes."""
+    return cfg.epochs * math.ceil(n_train / (cfg.batch_size * world)) if cfg.epochs else cfg.steps
+
+
 def _lr_lambda(cfg: TrainConfig, total: int):
     def fn(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -236,8 +242,7 @@ def fit(
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     model.to(device)
 
-    steps_per_epoch = math.ceil(len(data) / (tcfg.batch_size * world))
-    total = tcfg.epochs * steps_per_epoch if tcfg.epochs else tcfg.steps
+    total = total_steps(tcfg, len(data), world)
     stop = min(total, max_steps) if max_steps is not None else total
 
     out_dir = Path(out) if out is not None else None

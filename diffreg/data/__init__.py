@@ -38,6 +38,7 @@ from diffreg.data.phantom import (
 
 __all__ = [
     "open_dataset",
+    "open_configured",
     "SCHEMES",
     "PairDataset",
     "PhantomPairs",
@@ -106,3 +107,14 @@ def open_dataset(spec: str, split: str = "train", dims: int = 2, profile: str | 
         layout = "h5" if scheme == "acdc-h5" else "nifti"
         return ACDCPairs(root, layout=layout, dims=dims, split=split, profile=profile, size=size, **kwargs)
     raise ValueError(f"unknown dataset scheme {scheme!r} in {spec!r}; valid forms: {', '.join(SCHEMES)}.")
+
+
+def open_configured(spec: str, split: str, data: Any, profile: str | None, **kwargs: Any) -> PairDataset:
+    """:func:`open_dataset` at a configuration's data settings (a :class:`diffreg.config.DataConfig`: ``dims``,
+    ``size``, and for phantoms ``phantom`` and ``n_subjects``): ``"phantom"`` means the configuration's phantom kind
+    (``sax``, ``sax3d`` or ``echo``). ``kwargs`` are passed on (e.g. ``intensity``)."""
+    if spec.strip().lower() == "phantom":
+        spec = f"phantom:{data.phantom}"
+    if spec.strip().lower().startswith("phantom"):
+        kwargs.setdefault("n_subjects", data.n_subjects)
+    return open_dataset(spec, split=split, dims=data.dims, profile=profile, size=data.size, **kwargs)

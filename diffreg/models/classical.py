@@ -89,7 +89,7 @@ def _import_ants():
     try:
         import ants
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("ANTsSyN needs antspyx (see requirements.txt: pip install --no-deps antspyx==0.6.3)") \
+        raise ImportError("ANTsSyN needs antspyx (pip install -r requirements.txt installs it)") \
             from exc
     return ants
 
