@@ -90,6 +90,11 @@ BENIGN_JS_ERRORS = ("Identifier 'THEBE_JS_URL' has already been declared",)
 
 PLAYER_FRAME_RE = re.compile(r"frames\[(\d+)\]\s*=\s*\"(data:image/[\w.+-]+;base64,)")
 PLAYER_FILE_FRAMES_RE = re.compile(r"frames\[i\]\s*=\s*\"([^\"]*)\"")
+# Markdown a reader sees as raw text: a pipe table's delimiter row, an ATX heading, emphasis markers. Looked for in
+# the text blocks of the page content (paragraphs, list items, table cells), never in code.
+MD_TABLE_RE = re.compile(r"^\s*\|.*\|\s*:?-{3,}:?\s*\|", re.S)
+MD_HEADING_RE = re.compile(r"^\s*#{1,6}\s+\S")
+MD_EMPHASIS_RE = re.compile(r"(?<![\w*])(\*\*|__)(?=\S)[^*_\n]+?(?<=\S)\1(?![\w*])")
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,22 @@ def check_static(page: str | Path, root: str | Path | None = None, strict_networ
         add("widget", f"widget shown as its text repr (no view): {_short(line, 80)}")
     for m in KERNEL_MESSAGE_RE.finditer(output_text):
         add("kernel", f"kernel message in a cell output: {m.group(0)!r}", target=f"msg:{m.group(0).lower()}")
+
+    # Markdown that did not render: MyST-NB parses ``text/markdown`` outputs with CommonMark unless
+    # ``nb_render_markdown_format`` says otherwise, and CommonMark has no tables, so a table output becomes one
+    # paragraph of pipes. Prose and outputs alike: any text block outside code that still shows Markdown syntax.
+    for k, block in enumerate(content.find_all(["p", "li", "td", "th", "dd"])):
+        if block.find_parent(["pre", "code"]) is not None:
+            continue
+        raw = block.get_text()
+        if MD_TABLE_RE.search(raw):
+            add("markdown", f"unrendered Markdown table: {_short(raw)}", target=f"md-table#{k}")
+        elif block.name == "p" and MD_HEADING_RE.match(raw):
+            add("markdown", f"unrendered Markdown heading: {_short(raw)}", target=f"md-heading#{k}")
+        else:
+            bare = "".join(t for t in block.find_all(string=True) if t.find_parent(["code", "pre"]) is None)
+            if MD_EMPHASIS_RE.search(bare):
+                add("markdown", f"unrendered Markdown emphasis: {_short(raw)}", target=f"md-emphasis#{k}")
 
     # Images: every local image file must exist, every data: URI must carry data.
     for img in soup.find_all("img"):
@@ -566,6 +587,24 @@ DOM_PROBE = r"""
     math: document.querySelectorAll('.math, span.math, div.math').length,
     typeset: document.querySelectorAll('mjx-container, .MathJax, .MathJax_Display, .katex').length,
     text: content ? content.innerText : '',
+    // text blocks (outside code) that still show a Markdown table's delimiter row
+    markdown: content ? Array.from(content.querySelectorAll('p, li, td, th, dd'))
+      .filter((el) => !el.closest('pre, code')).map((el) => el.innerText)
+      .filter((t) => /\|\s*:?-{3,}:?\s*\|/.test(t)).map((t) => t.slice(0, 200)) : [],
+    // display equations wider than the column they sit in (clipped or cut at the left edge)
+    wideMath: content ? Array.from(content.querySelectorAll('mjx-container[display="true"]')).map((el) => {
+      const box = (el.closest('div.math') || el.parentElement).getBoundingClientRect();
+      const math = (el.querySelector('mjx-math') || el).getBoundingClientRect();
+      return {tex: (el.closest('div.math') || el).getAttribute('id') || el.textContent.slice(0, 60),
+              width: Math.round(math.width), box: Math.round(box.width),
+              cut: math.left < box.left - 1 || math.right > box.right + 1};
+    }).filter((m) => m.cut) : [],
+    // figures in cell outputs shown narrower than 400 CSS pixels (their axis labels and titles are then unreadable)
+    narrow: content ? Array.from(content.querySelectorAll('.cell_output img'))
+      .filter((img) => !img.closest('div.animation') && shown(img) && img.naturalWidth > 0)
+      .map((img) => ({src: (img.getAttribute('src') || '').slice(0, 80), width: Math.round(img.width),
+                      natural: img.naturalWidth}))
+      .filter((img) => img.width < 400) : [],
   };
 })()
 """
@@ -641,6 +680,14 @@ def check_in_browser(browser: Chromium, page: str | Path, root: str | Path | Non
                 target=f"traceback#{k}")
         for m in WIDGET_MESSAGE_RE.finditer(text):
             add("widget", f"widget placeholder message: {m.group(0)!r}", target=f"msg:{m.group(0).lower()}")
+        for k, block in enumerate(dom.get("markdown", [])):
+            add("markdown", f"unrendered Markdown table in the rendered page: {_short(block)}", target=f"md-table#{k}")
+        for m in dom.get("wideMath", []):
+            add("layout", f"display equation {m['tex']!r} is {m['width']} px wide in a {m['box']} px column "
+                          "(cut off)", target=f"math:{m['tex']}")
+        for img in dom.get("narrow", []):
+            add("layout", f"figure shown {img['width']} px wide (natural {img['natural']} px), under the 400 px at "
+                          f"which its text is readable: {_short(img['src'], 60)}", target=f"narrow:{img['src']}")
     return found
 
 
