@@ -10,12 +10,13 @@ are "higher is better"; ``*_loss`` functions are "lower is better".
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffreg.spatial import float32
 
 __all__ = [
-    "ncc_map", "ncc", "ncc_loss", "NCCLoss", "ssim", "ssim_loss", "mse", "gradient_smoothness", "GradientSmoothness",
+    "box_mean", "ncc_map", "ncc", "ncc_loss", "NCCLoss", "ssim", "ssim_loss", "mse", "gradient_smoothness", "GradientSmoothness",
 ]
 
 
@@ -44,20 +45,73 @@ def _check_weight(weight: Tensor | None, ref: Tensor) -> None:
 # Local normalised cross-correlation
 # ----------------------------------------------------------------------------------------------------------------
 
+def _check_window(window: int) -> int:
+    if int(window) != window or window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd integer, got {window}.")
+    return int(window)
+
+
+def box_mean(x: Tensor, window: int) -> Tensor:
+    """Mean of ``x`` over the ``window**ndim`` box around every voxel, counting only the voxels inside the image.
+
+    Separable: per axis, a zero-padded box sum (:func:`torch.nn.functional.avg_pool1d/2d/3d` over the padded axis)
+    divided by the number of voxels of the window inside the image along that axis (the count of an axis-aligned
+    box is the product of the per-axis counts, so the per-axis means compose to the box mean exactly). Works for
+    images smaller than the window.
+
+    Args:
+        x: ``(B, C, *spatial)`` tensor with 1-3 spatial dims.
+        window: odd box size in voxels.
+
+    Returns:
+        Tensor of the shape of ``x``.
+    """
+    ndim = x.ndim - 2
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[ndim - 1]
+    r = window // 2
+    for axis in range(ndim):
+        kernel = [1] * ndim
+        kernel[axis] = window
+        pad = [0] * (2 * ndim)
+        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = r  # F.pad lists the last axis first
+        n = x.shape[2 + axis]
+        ones = torch.ones((1, 1) + (1,) * axis + (n,) + (1,) * (ndim - 1 - axis), dtype=x.dtype, device=x.device)
+        count = pool(F.pad(ones, pad), kernel_size=tuple(kernel), stride=1)  # fraction of the window inside
+        x = pool(F.pad(x, pad), kernel_size=tuple(kernel), stride=1) / count
+    return x
+
+
+#: the variance floor of :func:`ncc_map`, relative to each image's own variance
+NCC_EPS = 1e-5
+
+
 @float32
 def ncc_map(a: Tensor, b: Tensor, window: int = 9) -> Tensor:
-    """Voxel-wise squared local normalised cross-correlation (VoxelMorph's LNCC before the mean).
+    """Voxel-wise squared local normalised cross-correlation over the part of each window inside the image.
 
-    For each voxel ``p`` and the ``window**ndim`` box ``W(p)`` around it (zero padding outside the image), with
-    ``N = |W|`` and sums over ``W(p)``::
+    For each voxel ``p``, with ``W(p)`` the ``window**ndim`` box around ``p`` **clipped to the image** and ``E``
+    the mean over ``W(p)``::
 
-        cross = sum(a b) - sum(a) sum(b) / N,   var_a = sum(a^2) - sum(a)^2 / N,   var_b likewise
-        cc(p) = cross^2 / (max(var_a, 1e-5) * max(var_b, 1e-5))
+        cross = E[a b] - E[a] E[b],   var_a = E[a^2] - E[a]^2,   var_b likewise
+        cc(p) = cross^2 / (max(var_a, eps_a) * max(var_b, eps_b))
 
-    Computed by :class:`monai.losses.LocalNormalizedCrossCorrelationLoss` (``kernel_type="rectangular"``,
-    ``reduction="none"``), whose output is ``-cc``. MONAI's LNCC **is squared** (it is VoxelMorph's ``NCC``);
-    the only difference from VoxelMorph is the stabiliser: VoxelMorph divides by ``var_a * var_b + 1e-5``, MONAI
-    clamps each variance at 1e-5 (identical wherever the window is not flat).
+    i.e. the squared Pearson correlation of ``a`` and ``b`` over the window (VoxelMorph's LNCC before the mean).
+    ``eps_a = NCC_EPS * Var(a)`` (the variance of the whole image ``a``, per batch item and channel) keeps flat
+    windows at ``cc = 0``; being relative, it keeps ``cc`` exactly invariant to positive and negative affine
+    intensity changes of either image, ``cc(s a + t, s' b + t') = cc(a, b)``, **also at the border**: images may
+    be in [-1, 1] or [0, 1] without changing a value. Each image is first shifted so that its first voxel (a
+    corner, background in medical images) is 0: exact by the invariance, and the float32 moments of flat
+    background windows then vanish instead of cancelling to rounding noise.
+
+    Relation to the usual implementations: in the interior (window entirely inside the image) this is MONAI's
+    :class:`~monai.losses.LocalNormalizedCrossCorrelationLoss` (``kernel_type="rectangular"``; its output is
+    ``-cc``) and VoxelMorph's ``NCC``, up to the stabiliser (VoxelMorph adds 1e-5 to ``var_a * var_b`` in sum units,
+    MONAI clamps each variance at 1e-5). At the border those **zero-pad**: windows see zeros outside the image, so
+    for images whose background is -1 every border window sees an artificial edge that is the same in both images
+    and scores ``cc`` near 1 for any pair (offsets change the value). The official codes of the papers compute NCC
+    on [0, 1] images, where the zero padding resembles the background; this map drops the padding instead, which
+    agrees with them wherever the background is 0 and the window is not clipped, and has no border band for any
+    intensity range.
 
     Explained in chapter 01.
 
@@ -72,22 +126,27 @@ def ncc_map(a: Tensor, b: Tensor, window: int = 9) -> Tensor:
     Raises:
         ValueError: on mismatched shapes or an even/non-positive ``window``.
     """
-    from monai.losses import LocalNormalizedCrossCorrelationLoss
-
-    ndim = _check_pair(a, b)
-    if int(window) != window or window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be a positive odd integer, got {window}.")
-    lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=ndim, kernel_size=int(window),
-                                               kernel_type="rectangular", reduction="none")
-    return -lncc(a, b)
+    _check_pair(a, b)
+    window = _check_window(window)
+    axes = tuple(range(2, a.ndim))
+    first = (slice(None), slice(None)) + (slice(0, 1),) * (a.ndim - 2)
+    a = a - a[first].detach()  # the first voxel's value becomes 0: a flat background (at the border) is exactly 0
+    b = b - b[first].detach()
+    floor_a = NCC_EPS * a.var(axes, keepdim=True, unbiased=False).detach() + 1e-12
+    floor_b = NCC_EPS * b.var(axes, keepdim=True, unbiased=False).detach() + 1e-12
+    mean_a, mean_b = box_mean(a, window), box_mean(b, window)
+    cross = box_mean(a * b, window) - mean_a * mean_b
+    var_a = box_mean(a * a, window) - mean_a * mean_a
+    var_b = box_mean(b * b, window) - mean_b * mean_b
+    return cross * cross / (torch.maximum(var_a, floor_a) * torch.maximum(var_b, floor_b))
 
 
 @float32
 def ncc(a: Tensor, b: Tensor, window: int = 9, weight: Tensor | None = None) -> Tensor:
     """Local normalised cross-correlation score (higher is better): ``mean(weight * cc)`` over voxels and channels.
 
-    ``cc`` is :func:`ncc_map` (squared local correlation, VoxelMorph definition). With ``weight=None`` this equals
-    ``-LocalNormalizedCrossCorrelationLoss(spatial_dims, kernel_size=window, kernel_type="rectangular")(a, b)``.
+    ``cc`` is :func:`ncc_map` (squared local correlation, VoxelMorph definition, windows clipped to the image, so
+    invariant to affine intensity changes everywhere).
     A voxel-wise ``weight`` (``(B, 1, *spatial)``) gives the score-weighted NCC of FSDiffReg (chapter 05):
     ``ncc(a, b, window, weight=w) = mean(w * cc)``.
 
@@ -125,9 +184,7 @@ class NCCLoss(nn.Module):
 
     def __init__(self, window: int = 9) -> None:
         super().__init__()
-        if int(window) != window or window < 1 or window % 2 == 0:
-            raise ValueError(f"window must be a positive odd integer, got {window}.")
-        self.window = int(window)
+        self.window = _check_window(window)
 
     def forward(self, a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
         return ncc_loss(a, b, self.window, weight)

@@ -37,35 +37,93 @@ def voxelmorph_cc_map(a, b, win):
     return cross * cross / (a_var * b_var + 1e-5)
 
 
+def direct_cc_map(a, b, win):
+    """Independent reference: the squared Pearson correlation over each window clipped to the image, voxel by
+    voxel with numpy (float64)."""
+    import itertools
+
+    import numpy as np
+
+    a, b = a.double().numpy(), b.double().numpy()
+    r = win // 2
+    spatial = a.shape[2:]
+    out = np.zeros(a.shape)
+    for n, c in itertools.product(range(a.shape[0]), range(a.shape[1])):
+        for p in itertools.product(*(range(s) for s in spatial)):
+            box = tuple(slice(max(0, q - r), q + r + 1) for q in p)
+            x, y = a[(n, c) + box].ravel(), b[(n, c) + box].ravel()
+            x, y = x - x.mean(), y - y.mean()
+            out[(n, c) + p] = (x @ y) ** 2 / ((x @ x) * (y @ y))
+    return torch.from_numpy(out)
+
+
+def banded(shape, seed=0, background=-1.0, band=4):
+    """A smooth image in [-1, 1] whose border band (``1 / band`` of each size) is flat background, as the
+    phantom's and the preprocessed ACDC images are."""
+    x = image(shape, seed=seed)
+    x = 2 * (x - x.amin()) / (x.amax() - x.amin()) - 1
+    inner = (...,) + tuple(slice(n // band, n - n // band) for n in shape)
+    out = torch.full_like(x, background)
+    out[inner] = x[inner]
+    return out
+
+
+@pytest.mark.parametrize("shape,win", [((9, 11), 5), ((5, 6, 7), 3), ((6, 7), 9)])
+def test_ncc_map_against_direct_window_computation(shape, win):
+    a, b = image(shape), image(shape, seed=1)
+    assert torch.allclose(ncc_map(a, b, win), direct_cc_map(a, b, win), atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(24, 24), (8, 12, 12)])
-def test_ncc_self_and_monai(shape):
+def test_ncc_self_and_monai_in_the_interior(shape):
     from monai.losses import LocalNormalizedCrossCorrelationLoss
 
     a = image(shape)
     b = image(shape, seed=1)
     assert math.isclose(float(ncc(a, a, 9)), 1.0, abs_tol=1e-6)
     assert math.isclose(float(ncc_loss(a, a, 9)), -1.0, abs_tol=1e-6)
-    monai_value = LocalNormalizedCrossCorrelationLoss(spatial_dims=len(shape), kernel_size=9,
-                                                      kernel_type="rectangular")(a, b)
-    assert torch.allclose(ncc_loss(a, b, 9), monai_value, atol=1e-10)
-    # the per-voxel map equals the VoxelMorph formula (squared cc); only the stabiliser differs (1e-5 scale)
+    # where the window lies inside the image: MONAI's LNCC and VoxelMorph's formula (only the stabilisers differ)
+    monai_map = -LocalNormalizedCrossCorrelationLoss(spatial_dims=len(shape), kernel_size=5,
+                                                     kernel_type="rectangular", reduction="none")(a, b)
     ours = ncc_map(a, b, 5)
-    ref = voxelmorph_cc_map(a, b, 5)
+    inner = (...,) + (slice(2, -2),) * len(shape)
     assert ours.shape == a.shape
-    assert torch.allclose(ours, ref, atol=1e-4)
+    assert torch.allclose(ours[inner], monai_map[inner], atol=1e-4)
+    assert torch.allclose(ours[inner], voxelmorph_cc_map(a, b, 5)[inner], atol=1e-4)
     assert 0.0 < float(ncc(a, b, 9)) < 0.9
 
 
-def test_ncc_affine_intensity_invariance():
-    a = image((24, 24))
-    b = image((24, 24), seed=1)
-    # scaling: invariant everywhere (zero padding scales too)
-    assert torch.allclose(ncc(a, 3.0 * b + 0.0), ncc(a, b), atol=1e-8)
-    # offset: invariant where the window lies inside the image (zero padding breaks it at the border)
-    m1, m2 = ncc_map(a, b, 5), ncc_map(a, -2.0 * b + 5.0, 5)
-    inner = (..., slice(2, -2), slice(2, -2))
-    assert torch.allclose(m1[inner], m2[inner], atol=1e-8)
-    assert not torch.allclose(m1, m2, atol=1e-3)
+@pytest.mark.parametrize("shape", [(64, 64), (16, 32, 32)])
+def test_ncc_affine_intensity_invariance_at_the_border(shape):
+    """ncc(a, b) == ncc(2a - 1, 2b - 1) == ncc(3a + 5, 0.5b - 2) for images whose background band touches the
+    border; MONAI's zero padding fails this (the reason for the padding-free definition)."""
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+    a = banded(shape, seed=0).float()
+    b = banded(shape, seed=1).float()
+    ref = float(ncc(a, b))
+    for x, y in [((a + 1) / 2, (b + 1) / 2), (2 * a - 1, 2 * b - 1), (3 * a + 5, 0.5 * b - 2), (-a, 4 * b)]:
+        assert math.isclose(float(ncc(x, y)), ref, abs_tol=1e-4)
+    assert torch.allclose(ncc_map(a, b), ncc_map(3 * a + 5, 0.5 * b - 2), atol=1e-4)
+    monai = LocalNormalizedCrossCorrelationLoss(spatial_dims=len(shape), kernel_size=9, kernel_type="rectangular")
+    assert abs(float(monai(a, b)) - float(monai((a + 1) / 2, (b + 1) / 2))) > 0.05  # the artefact this avoids
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (16, 32, 32)])
+def test_ncc_of_unrelated_images_has_no_border_band(shape):
+    """Two unrelated images in [-1, 1]: (almost) no voxel looks perfectly correlated. With zero padding the flat
+    background against the padding scores cc near 1 along the whole border."""
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+    a, b = banded(shape, seed=2, band=4), banded(shape, seed=3, band=3)  # other content, other outline
+    assert float((ncc_map(a, b) > 0.99).double().mean()) < 0.02
+    monai = LocalNormalizedCrossCorrelationLoss(spatial_dims=len(shape), kernel_size=9, kernel_type="rectangular",
+                                                reduction="none")
+    assert float((-monai(a, b) > 0.99).double().mean()) > 0.1  # the band that zero padding creates
+    # flat windows (both images constant) score 0, not 1
+    flat = torch.full_like(a, -1.0)
+    assert float(ncc_map(flat, b).abs().max()) == 0.0
+    assert torch.isfinite(ncc_map(flat, flat)).all()
 
 
 def test_weighted_ncc():

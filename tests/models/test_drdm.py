@@ -110,6 +110,26 @@ def test_magnitude_grows_with_t_as_eq10():
     assert model.sample_ddf((32, 32), 0, batch=2).abs().max() == 0
 
 
+def test_paper_profile_field_matches_table_1():
+    """The paper profile's random field at T' = 70, measured at the paper geometry (256 x 256, fresh fields, eq. 2),
+    against Table 1 (l. 313): max |psi| 14.8 % and mean |psi| 4.3 % of the image size; each within 25 %."""
+    from diffreg.config import get_config
+    from diffreg.models import build
+
+    cfg = get_config("drdm", "paper", dims=2)
+    assert cfg.data.size == (256, 256) and cfg.model["fields"] == "fresh"
+    model = build(cfg)
+    psi = model.sample_ddf((256, 256), 70, batch=16, generator=torch.Generator().manual_seed(0))
+    size = psi.norm(dim=1).flatten(1) / 256 * 100  # % of the image size
+    max_pct, mean_pct = size.amax(1).mean().item(), size.mean(1).mean().item()
+    print(f"T' = 70: max {max_pct:.1f} %, mean {mean_pct:.1f} % (Table 1: 14.8 %, 4.3 %)")
+    assert abs(max_pct / 14.8 - 1) < 0.25
+    assert abs(mean_pct / 4.3 - 1) < 0.25
+    # and the deformation level orders the size as in Table 1 (T' = 30: 7.8 % / 2.4 %)
+    psi30 = model.sample_ddf((256, 256), 30, batch=16, generator=torch.Generator().manual_seed(0))
+    assert (psi30.norm(dim=1).flatten(1) / 2.56).mean().item() < mean_pct
+
+
 def test_shared_field_grows_linearly_and_points_along_the_diffused_ddf():
     # fields="shared" (the official sampler): one unit field composed with itself, so in the small-displacement limit
     # psi_{t:1} = n_{t:1} u (SD ratio n2 / n1, not sqrt) and psi_t = n_t u is parallel to it; with fresh fields
