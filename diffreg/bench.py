@@ -141,10 +141,22 @@ def parse_options(pairs: Iterable[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def bench_data(profile: str = "quick", dims: int | None = None, size: Sequence[int] | None = None) -> DataConfig:
+def bench_data(profile: str = "quick", dims: int | None = None, size: Sequence[int] | None = None,
+               direction: str | None = None, view: str | None = None, split_scheme: str | None = None) -> DataConfig:
     """The benchmark's data configuration: :data:`REFERENCE`'s at ``profile`` and ``dims``, ``size`` overriding
-    its spatial size (array order)."""
+    its spatial size (array order), ``direction``, ``view`` (CAMUS) and ``split_scheme`` (ACDC) its data protocol
+    (``None``: the reference's).
+
+    Raises:
+        ValueError: ``size`` without ``dims`` entries.
+    """
     cfg = get_config(REFERENCE, profile, dims).data
+    if direction is not None:
+        cfg.direction = direction
+    if view is not None:
+        cfg.view = view
+    if split_scheme is not None:
+        cfg.split_scheme = split_scheme
     if size is not None:
         size = tuple(int(s) for s in size)
         if len(size) != cfg.dims:
@@ -245,12 +257,18 @@ def _stage_budget(cfg: MethodConfig) -> str:
 
 
 def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir: Path, steps: int | None,
-                   device: str | torch.device | None, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+                   device: str | torch.device | None, progress: bool, amp: bool = False,
+                   stage_steps: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Reuse the finished run in ``run_dir`` or train ``name`` there; returns the model and what was done."""
     from diffreg.models import build
-    from diffreg.train import fit, load_checkpoint, load_run, seed_everything, total_steps
+    from diffreg.train import fit, load_checkpoint, load_run, seed_everything, set_stage_steps, total_steps
 
     cfg = get_config(name, profile, data.dims)
+    paper_direction = cfg.data.direction
+    cfg.data.direction, cfg.data.view, cfg.data.split_scheme = data.direction, data.view, data.split_scheme
+    cfg.train.amp = bool(amp)
+    if stage_steps is not None:
+        set_stage_steps(cfg, stage_steps)
     if tuple(cfg.data.size) != tuple(data.size):
         profile_size = tuple(cfg.data.size)
         cfg.data.size = tuple(data.size)
@@ -263,6 +281,10 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
     notes: list[str] = []
     if profile_size is not None:
         notes.append(f"trained at the benchmark size {tuple(data.size)} (profile size {profile_size})")
+    if paper_direction is not None and paper_direction != data.direction:
+        notes.append(f"trained and evaluated in the benchmark's direction (the profile's is {paper_direction})")
+    if amp:
+        notes.append(f"mixed precision ({cfg.train.amp_dtype} autocast on CUDA)")
 
     stored_cfg, step = None, 0
     if (run_dir / "config.json").is_file() and (run_dir / "checkpoint.pt").is_file():
@@ -280,7 +302,7 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
             train_data = _open(spec, "train", data, profile, stored_cfg.data.intensity)
         total = total_steps(stored_cfg.train, len(train_data) if train_data is not None else 0)
         if step >= total:  # finished: reuse as it is
-            model, cfg = load_run(run_dir, device=device or "cpu")
+            model, cfg = load_run(run_dir, device=device)
             info.update(status="reused", config=cfg, steps=step, seconds=_last_log_seconds(run_dir))
             trained_on = run_dir / "data.json"
             if trained_on.is_file():
@@ -357,7 +379,9 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
               options: Mapping[str, Mapping[str, Any]] | Sequence[str] | None = None,
               steps: int | Mapping[str, int] | None = None,
               size: Sequence[int] | None = None, split: str = "test", example: int = 0, figures: bool = True,
-              progress: bool = False, run_dirs: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
+              progress: bool = False, run_dirs: Mapping[str, str | Path] | None = None,
+              direction: str | None = None, view: str | None = None, split_scheme: str | None = None,
+              amp: bool = False, stage_steps: int | None = None) -> dict[str, Any]:
     """Train (or reuse) and evaluate every selected method on the same held-out pairs; write the results.
 
     Args:
@@ -368,7 +392,8 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         out: folder for ``results.csv``, ``summary.md``, the figures and ``examples.pt`` (created).
         dims: 2 or 3 (default: the reference's at ``profile``: quick 2, paper 3).
         limit: evaluate only the first ``limit`` held-out pairs.
-        device: training and evaluation device (default: CPU). SyN always runs on the CPU.
+        device: training and evaluation device (default :func:`diffreg.train.default_device`: the GPU when CUDA is
+            available, else the CPU). SyN always runs on the CPU.
         options: per-method ``register`` options, ``{"diffusereg": {"steps": 50}}`` or the command line's
             ``["diffusereg:steps=50"]``.
         steps: training steps of every trained method, or ``{method: steps}`` for some of them (default: the
@@ -380,6 +405,13 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         progress: progress bars for training and evaluation.
         run_dirs: method -> run directory used instead of ``runs/<method>`` (e.g. the runs of the book's chapters,
             reused when finished; trained there otherwise).
+        direction: ``"es->ed"`` or ``"ed->es"`` for every method (default: the dataset's); the methods whose paper
+            profile registers the other way get a note.
+        view: CAMUS view (``"2CH"``, ``"4CH"``, ``"both"``; default ``"2CH"``).
+        split_scheme: ACDC split, ``"diffreg"`` (default) or ``"official"`` (see :class:`diffreg.data.ACDCPairs`).
+        amp: train with mixed precision on CUDA (default float32, as the papers).
+        stage_steps: steps of the stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's
+            autoencoder and latent U-Net; default: the profile's).
 
     Returns:
         dict with ``"tables"`` (method -> per-case :class:`~diffreg.evaluate.Table`), ``"results"`` (all rows, the
@@ -403,10 +435,12 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
     stray = sorted(set(opts) - set(names))
     if stray:
         raise ValueError(f"--option given for {stray}, which are not benchmarked ({names})")
-    data_cfg = bench_data(profile, dims, size)
+    data_cfg = bench_data(profile, dims, size, direction=direction, view=view, split_scheme=split_scheme)
     runs, out = Path(runs), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    from diffreg.train import default_device
+
+    dev = torch.device(device) if device is not None else default_device()
     test = _open(data, split, data_cfg, profile)
     n = len(test) if limit is None else min(int(limit), len(test))
     if n == 0:
@@ -429,7 +463,8 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         else:
             run_dir = Path(run_dirs[name]) if run_dirs and name in run_dirs else runs / name
             n_steps = steps.get(name) if isinstance(steps, Mapping) else steps
-            model, meta = _trained_model(name, profile, data_cfg, data, run_dir, n_steps, device, progress)
+            model, meta = _trained_model(name, profile, data_cfg, data, run_dir, n_steps, device, progress,
+                                         amp=amp, stage_steps=stage_steps)
             eval_device = dev
             intensity = tuple(meta["config"].data.intensity)
         view = test if intensity is None or intensity == tuple(test.intensity) else IntensityView(test, intensity)
@@ -464,6 +499,7 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         "device": _device_text(dev), "data": data, "split": split, "pairs": n, "profile": profile,
         "dims": data_cfg.dims, "size": tuple(data_cfg.size), "reference": reference,
         "labels": getattr(test, "labels", "acdc"), "intensity": tuple(test.intensity),
+        "direction": getattr(test, "direction", None),
         "minutes": (time.time() - started) / 60,
     }
     paths["summary"] = out / "summary.md"
@@ -474,6 +510,14 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         paths.update({k: out / f"{k}.png" for k in figs})
     return {"tables": tables, "results": results, "summary": summary, "methods": info, "skipped": skipped,
             "examples": examples, "paths": paths, "figures": figs, "context": context}
+
+
+def _direction_text(direction: str | None) -> str:
+    """``", moving = ES, fixed = ED"`` for ``"es->ed"`` (empty for ``None``)."""
+    if not direction:
+        return ""
+    moving, _, fixed = direction.partition("->")
+    return f", moving = {moving.upper()}, fixed = {fixed.upper()}"
 
 
 def _summary_markdown(summary: Table, info: Mapping[str, dict[str, Any]], skipped: Mapping[str, str],
@@ -494,7 +538,8 @@ def _summary_markdown(summary: Table, info: Mapping[str, dict[str, Any]], skippe
         "",
         f"{context['pairs']} held-out pair{'s' if context['pairs'] != 1 else ''} ({context['split']} split) of "
         f"`{context['data']}`, "
-        f"{context['dims']}D {' x '.join(str(s) for s in context['size'])}, profile `{context['profile']}`; "
+        f"{context['dims']}D {' x '.join(str(s) for s in context['size'])}, profile `{context['profile']}`"
+        f"{_direction_text(context.get('direction'))}; "
         f"device {context['device']}; {context['date']} ({context['minutes']:.1f} min).",
         "",
         "## Results (mean ± std over pairs)",

@@ -4,13 +4,16 @@ Examples::
 
     python -m diffreg phantom --layout acdc --out /tmp/acdc-phantom --patients 8
     python -m diffreg train --method voxelmorph --profile quick --data phantom --out runs/vm
+    python -m diffreg train --method diffusereg --data acdc:/data/ACDC/training --split-scheme official --out runs/dr
     python -m diffreg evaluate --run runs/vm --data phantom --out runs/vm/test.csv
     python -m diffreg evaluate --run runs/dr --option sampler=ddim --option steps=20
     python -m diffreg speed --method voxelmorph --profile paper --dims 3 --steps 20 --out speed.csv
     python -m diffreg bench --methods all --profile quick --data phantom --runs runs --out bench
 
 ``--data`` takes the same strings as the ``DIFFREG_DATA`` environment variable: ``phantom``, ``phantom:echo``,
-``acdc:PATH``, ``acdc-h5:PATH``, ``camus:PATH``.
+``acdc:PATH``, ``acdc-h5:PATH``, ``camus:PATH``. Without ``--device`` every command uses the GPU when CUDA is
+available (the local rank's under ``torchrun``), else the CPU (:func:`diffreg.train.default_device`), and says which;
+``--device cpu`` forces the CPU. Training is in float32 unless ``--amp`` is given.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ __all__ = ["main"]
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from diffreg.data.phantom import write_phantom
 
-    root = write_phantom(args.out, layout=args.layout, n_patients=args.patients, seed=args.seed)
+    root = write_phantom(args.out, layout=args.layout, n_patients=args.patients, seed=args.seed,
+                         first_id=args.first_id)
     print(f"wrote {args.patients} phantom patients in the {args.layout} layout to {root}")
     return 0
 
@@ -37,12 +41,63 @@ def _dataset(spec: str, split: str, cfg) -> object:
     return open_configured(spec, split, cfg.data, cfg.profile)  # "phantom": the profile's kind (echo for LDM-Morph)
 
 
+def _device(args: argparse.Namespace):
+    """``--device`` as a :class:`torch.device`, or :func:`diffreg.train.default_device` without it."""
+    import torch
+
+    from diffreg.train import default_device
+
+    return torch.device(args.device) if args.device else default_device()
+
+
+def _device_line(device) -> str:
+    from diffreg.speed import device_name
+
+    try:
+        name = device_name(device)
+    except Exception:  # e.g. a CUDA device named on a machine without one: fit reports that error itself
+        name = "unavailable here"
+    return f"device: {device} ({name})"
+
+
+def _folder(path: str, flag: str) -> Path:
+    """``path`` as a folder to write into: refused with a clear message when it names an existing file.
+
+    Raises:
+        ValueError: ``path`` exists and is not a folder.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {p} is an existing file, not a folder: name a folder (it is created)")
+    return p
+
+
+def _apply_protocol(cfg, args: argparse.Namespace) -> None:
+    """``--direction``, ``--view`` and ``--split-scheme`` into ``cfg.data`` (when given)."""
+    for name in ("direction", "view", "split_scheme"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg.data, name, value)
+
+
+def _protocol_text(data) -> str:
+    """``"moving = ES, fixed = ED; split diffreg"`` (plus the CAMUS view) of a dataset."""
+    direction = getattr(data, "direction", "")
+    moving, _, fixed = direction.partition("->")
+    text = f"moving = {moving.upper()}, fixed = {fixed.upper()}" if direction else ""
+    if getattr(data, "view", None):
+        text += f"; view {data.view}"
+    if getattr(data, "split_scheme", None):
+        text += f"; {data.split_scheme} split"
+    return text
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from diffreg.config import get_config
     from diffreg.models import build
-    from diffreg.train import fit
+    from diffreg.train import CHECKPOINT, check_run_dir, distributed_info, fit, set_stage_steps
 
     cfg = get_config(args.method, args.profile, args.dims)
     if args.steps is not None:
@@ -53,24 +108,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.train.batch_size = args.batch_size
     if args.size is not None:
         cfg.data.size = tuple(args.size)
+    if args.stage_steps is not None and not set_stage_steps(cfg, args.stage_steps):
+        print(f"note: {cfg.method} has no first stage; --stage-steps ignored")
+    _apply_protocol(cfg, args)
+    cfg.train.amp = bool(args.amp)
     cfg.train.seed = args.seed
+    out = _folder(args.out, "--out")
+    # a run directory of another method, profile, model or data is refused before anything is trained
+    check_run_dir(out, None if args.no_resume else cfg.to_dict())
+    info = out / "data.json"
+    if not args.no_resume and (out / CHECKPOINT).is_file() and info.is_file():
+        stored = json.loads(info.read_text()).get("data")
+        if stored != args.data:
+            raise ValueError(f"{out} holds a {cfg.method} run trained on --data {stored}, not {args.data}: start "
+                             "fresh in a new folder (--out NEW_FOLDER --no-resume), or repeat its --data to continue")
+    device = _device(args)
+    rank = distributed_info()[0]
     torch.manual_seed(args.seed)
     data = _dataset(args.data, "train", cfg)
     model = build(cfg)
-    print(f"{cfg.method} ({cfg.profile}, {cfg.data.dims}D): {model.num_parameters():,} parameters; "
-          f"{len(data)} training pairs from {args.data}")
-    rows = fit(model, data, cfg, out=args.out, device=args.device, resume=not args.no_resume)
+    if rank == 0:
+        precision = f"{cfg.train.amp_dtype} autocast (--amp)" if cfg.train.amp and device.type == "cuda" else \
+            "float32" + (" (--amp applies on CUDA only)" if cfg.train.amp else "")
+        print(f"{cfg.method} ({cfg.profile}, {cfg.data.dims}D): {model.num_parameters():,} parameters; "
+              f"{len(data)} training pairs from {args.data} ({_protocol_text(data)})")
+        print(f"{_device_line(device)}; {precision}")
+        out.mkdir(parents=True, exist_ok=True)
+        info.write_text(json.dumps({"data": args.data, "method": cfg.method}))
+    rows = fit(model, data, cfg, out=out, device=device, resume=not args.no_resume)
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
     if not rows:
-        print(f"nothing to do: the run in {args.out} is already complete (use --no-resume to start again)")
+        print(f"nothing to do: the run in {out} is already complete (use --no-resume to start again)")
         return 0
     last = rows[-1]
-    (Path(args.out) / "data.json").write_text(json.dumps({"data": args.data, "method": cfg.method}))
-    print(f"done: step {int(last.get('step', 0))}, loss {last.get('total', float('nan')):.4f}, "
-          f"{last.get('seconds', 0):.1f} s; run in {args.out}")
+    if rank == 0:
+        print(f"done: step {int(last.get('step', 0))}, loss {last.get('total', float('nan')):.4f}, "
+              f"{last.get('seconds', 0):.1f} s; run in {out}")
     return 0
 
 
@@ -94,20 +170,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from diffreg.evaluate import evaluate, summarize
     from diffreg.train import load_run
 
-    model, cfg = load_run(args.run, device=args.device or "cpu")
+    out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}.csv"
+    if out.is_dir():
+        raise ValueError(f"--out {out} is an existing folder: name the CSV file to write (e.g. {out / 'test.csv'})")
+    device = _device(args)
+    model, cfg = load_run(args.run, device=device)
+    print(_device_line(device))
     spec = args.data
     if spec is None:  # the data the run was trained on
         info = Path(args.run) / "data.json"
         spec = json.loads(info.read_text())["data"] if info.is_file() else "phantom"
         args.data = spec
+    _apply_protocol(cfg, args)
     data = _dataset(spec, args.split, cfg)
     options = _options(args.option)
-    table = evaluate(model, data, progress=True, limit=args.limit, **options)
-    out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}.csv"
+    table = evaluate(model, data, device=device, progress=True, limit=args.limit, **options)
     table.to_csv(out)
     s = summarize(table)
     cols = [c for c in ("dice_initial", "dice", "folding_percent", "jacobian_std", "hd95", "epe", "seconds") if c in s]
-    print(f"{cfg.method} on {len(table)} {args.split} pairs of {args.data}:")
+    print(f"{cfg.method} on {len(table)} {args.split} pairs of {args.data} ({_protocol_text(data)}):")
     print("  " + ", ".join(f"{c} {s[c][0]:.3f} ± {s[c][1]:.3f}" for c in cols))
     print(f"per-case table: {out}")
     return 0
@@ -134,9 +215,12 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{scheme} data folder not found: {root}")
     if out == root or root in out.parents:
         raise ValueError(f"--out {out} lies inside the input folder {root}; the input folder is never written to")
+    _folder(str(out), "--out")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty")
-    model, cfg = load_run(args.run, device=args.device or "cpu")
+    device = _device(args)
+    print(_device_line(device))
+    model, cfg = load_run(args.run, device=device)
     if cfg.method != "drdm":
         raise ValueError(f"{args.run} is a {cfg.method!r} run, not a DRDM run")
     levels = [int(v) for v in args.levels]
@@ -283,10 +367,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     pairs; results, summary and figures in ``--out`` (:mod:`diffreg.bench`)."""
     from diffreg.bench import run_bench
 
+    _folder(args.out, "--out")
+    _folder(args.runs, "--runs")
+    device = _device(args)
+    print(_device_line(device) + ("; bfloat16 autocast (--amp)" if args.amp else "; float32"))
     try:
         res = run_bench(args.methods, profile=args.profile, data=args.data, runs=args.runs, out=args.out,
-                        dims=args.dims, limit=args.limit, device=args.device, options=args.option, steps=args.steps,
-                        size=args.size, split=args.split, progress=True)
+                        dims=args.dims, limit=args.limit, device=device, options=args.option, steps=args.steps,
+                        size=args.size, split=args.split, progress=True, direction=args.direction,
+                        view=args.view, split_scheme=args.split_scheme, amp=args.amp,
+                        stage_steps=args.stage_steps)
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -297,6 +387,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               f"± {table.std('dice'):.3f}, folding {table.mean('folding_percent'):.3f} %, {table.mean('seconds'):.3f} s/pair")
     print("wrote " + ", ".join(str(p) for p in res["paths"].values()))
     return 0
+
+
+DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda when available, the local rank's GPU under torchrun; else cpu)"
+
+
+def _protocol_arguments(parser: argparse.ArgumentParser, default: str = "default: the profile's") -> None:
+    """``--direction``, ``--view`` and ``--split-scheme`` (the data protocol of :class:`diffreg.config.DataConfig`)."""
+    parser.add_argument("--direction", choices=["es->ed", "ed->es"], default=None,
+                        help=f"moving->fixed phases ({default}; the dataset's when the profile sets none)")
+    parser.add_argument("--view", choices=["2CH", "4CH", "both"], default=None,
+                        help=f"CAMUS view ({default}: 2CH)")
+    parser.add_argument("--split-scheme", choices=["diffreg", "official"], default=None,
+                        help=f"ACDC split ({default}: diffreg, 70/10/20 %% of the folder's patients; official: "
+                             "train/val from the folder, test = the sibling testing/ folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--out", required=True, help="directory to write (created)")
     ph.add_argument("--patients", type=int, default=8)
     ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--first-id", type=int, default=1,
+                    help="number of the first patient (e.g. 101 for a testing/ folder like ACDC's)")
     ph.set_defaults(func=_cmd_phantom)
 
     tr = sub.add_parser("train", help="train a method on a dataset")
@@ -323,9 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=None)
     tr.add_argument("--batch-size", type=int, default=None)
     tr.add_argument("--size", type=int, nargs="+", default=None, help="override the spatial size")
+    tr.add_argument("--stage-steps", type=int, default=None,
+                    help="steps of the stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's "
+                         "autoencoder and latent U-Net); default: the profile's")
+    _protocol_arguments(tr)
+    tr.add_argument("--amp", action="store_true",
+                    help="mixed precision on CUDA (the profile's amp_dtype, bfloat16); default float32 as the papers")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu, or cuda under torchrun)")
-    tr.add_argument("--no-resume", action="store_true")
+    tr.add_argument("--device", default=None, help=DEVICE_HELP)
+    tr.add_argument("--no-resume", action="store_true", help="start again instead of resuming from --out")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate a trained run on held-out pairs")
@@ -334,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     ev.add_argument("--out", default=None, help="CSV path (default RUN/eval_SPLIT.csv)")
     ev.add_argument("--limit", type=int, default=None)
-    ev.add_argument("--device", default=None)
+    _protocol_arguments(ev, "default: the run's")
+    ev.add_argument("--device", default=None, help=DEVICE_HELP)
     ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="keyword passed to model.register, e.g. --option steps=20 --option sampler=ddim")
     ev.set_defaults(func=_cmd_evaluate)
@@ -347,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--levels", type=int, nargs="+", default=[30, 45], help="deformation levels T' (cycled)")
     sy.add_argument("--views", nargs="+", default=["2CH"], help="CAMUS views")
     sy.add_argument("--seed", type=int, default=0)
-    sy.add_argument("--device", default=None)
+    sy.add_argument("--device", default=None, help=DEVICE_HELP)
     sy.set_defaults(func=_cmd_synthesize)
 
     sp = sub.add_parser("speed", help="time training steps and inference, and measure peak memory")
@@ -362,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DiffuseReg: DDIM step counts timed at inference; DRDM: deformation levels T'")
     sp.add_argument("--no-inference", action="store_true", help="time training steps only")
     sp.add_argument("--no-train", action="store_true", help="time inference only")
-    sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    sp.add_argument("--device", default=None, help=DEVICE_HELP)
     sp.add_argument("--out", default=None, help="CSV file the row is appended to")
     sp.set_defaults(func=_cmd_speed)
 
@@ -379,7 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--steps", type=int, default=None, help="training steps of every method (default: profile's)")
     be.add_argument("--size", type=int, nargs="+", default=None, help="override the spatial size of the data")
     be.add_argument("--split", default="test", choices=["test", "val"])
-    be.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    be.add_argument("--stage-steps", type=int, default=None,
+                    help="steps of the stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's "
+                         "autoencoder and latent U-Net); default: the profile's")
+    _protocol_arguments(be)
+    be.add_argument("--amp", action="store_true", help="train with mixed precision on CUDA (default float32)")
+    be.add_argument("--device", default=None, help=DEVICE_HELP)
     be.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="keyword passed to one method's register, e.g. --option diffusereg:steps=50")
     be.set_defaults(func=_cmd_bench)
@@ -391,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

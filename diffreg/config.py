@@ -40,7 +40,9 @@ class TrainConfig:
         warmup_steps: linear warm-up steps before the schedule.
         min_lr_ratio: final learning rate of the cosine schedule as a fraction of ``lr``.
         grad_clip: clip the gradient norm to this value (``None``: no clipping).
-        amp: mixed precision on CUDA devices (never on CPU).
+        amp: mixed precision on CUDA devices (never on CPU). Off by default and in every profile: the papers train
+            in float32, and DiffuseReg's eq. 3 amplifies the noise-prediction error by about 1 / sqrt(abar_t)
+            (~150x near t = T), so a precision change is a fidelity risk. Opt in with ``--amp``.
         amp_dtype: ``"bfloat16"`` or ``"float16"`` (the latter with a gradient scaler).
         seed: seeds the model initialisation order, the data order and the training randomness.
         log_every: steps between CSV log rows (and progress-bar updates of the loss).
@@ -58,7 +60,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float | None = None
-    amp: bool = True
+    amp: bool = False
     amp_dtype: str = "bfloat16"
     seed: int = 0
     log_every: int = 50
@@ -75,6 +77,13 @@ class DataConfig:
         intensity: intensity range images are scaled to.
         phantom: the phantom kind used when ``DIFFREG_DATA=phantom`` (``"sax"``, ``"sax3d"`` or ``"echo"``).
         n_subjects: phantom subjects generated (split by subject into train/val/test).
+        direction: ``"es->ed"`` (moving = end-systole, fixed = end-diastole), ``"ed->es"``, or ``None`` for the
+            dataset's default (``es->ed`` for ACDC and short-axis phantoms, ``ed->es`` for CAMUS and the echo
+            phantom). Paper profiles set the paper's, with the source line.
+        view: CAMUS view, ``"2CH"``, ``"4CH"`` or ``"both"`` (ignored by the other datasets).
+        split_scheme: ACDC only: ``"diffreg"`` (70/10/20 % of the given folder's patients, by patient) or
+            ``"official"`` (train/val 90/10 % from the given folder, test = the patients of the sibling
+            ``testing/`` folder of the official release); see :class:`diffreg.data.ACDCPairs`.
     """
 
     dims: int = 2
@@ -82,6 +91,9 @@ class DataConfig:
     intensity: tuple[float, float] = (-1.0, 1.0)
     phantom: str = "sax"
     n_subjects: int = 40
+    direction: str | None = None
+    view: str = "2CH"
+    split_scheme: str = "diffreg"
 
 
 @dataclass
@@ -137,9 +149,12 @@ def _cardiac_phantom(dims: int) -> str:
     return "sax" if dims == 2 else "sax3d"
 
 
-def _cardiac_data(dims: int, size_2d: tuple[int, ...], size_3d: tuple[int, ...]) -> DataConfig:
-    """Short-axis cardiac data at ``size_2d`` or ``size_3d`` (array order) with the matching phantom."""
-    return DataConfig(dims=dims, size=size_2d if dims == 2 else size_3d, phantom=_cardiac_phantom(dims))
+def _cardiac_data(dims: int, size_2d: tuple[int, ...], size_3d: tuple[int, ...],
+                  direction: str | None = None) -> DataConfig:
+    """Short-axis cardiac data at ``size_2d`` or ``size_3d`` (array order) with the matching phantom, registered in
+    ``direction`` (``None``: the dataset's default)."""
+    return DataConfig(dims=dims, size=size_2d if dims == 2 else size_3d, phantom=_cardiac_phantom(dims),
+                      direction=direction)
 
 
 _REGISTRY: dict[str, Callable[[str, int], MethodConfig]] = {}
@@ -288,8 +303,9 @@ def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
         # batch 1 from the official 3D training config.
         train=TrainConfig(epochs=800 if dims == 3 else 40, lr=2e-4 if dims == 3 else 5e-6, batch_size=1,
                           betas=(0.5, 0.999), scheduler="constant", log_every=100, checkpoint_every=5000),
-        # l. 196: ACDC cropped to 128 x 128 x 32
-        data=_cardiac_data(dims, (128, 128), (32, 128, 128)),
+        # l. 196: ACDC cropped to 128 x 128 x 32. l. 241: "We tested the image registration of the end-diastolic images
+        # aligned with the end-systolic images": moving = ED, fixed = ES (the official code's direction too)
+        data=_cardiac_data(dims, (128, 128), (32, 128, 128), direction="ed->es"),
         source="Kim, Han, Ye 2022 (DiffuseMorph, ECCV), sec. 3.2 and sec. 4 implementation details",
     )
 
@@ -374,8 +390,9 @@ def _diffusereg_profile(profile: str, dims: int | None) -> MethodConfig:
         # config anneals to eta_min 1e-6 (min_lr_ratio 0.01)
         train=TrainConfig(epochs=1200, lr=1e-4, optimizer="adamw", weight_decay=1e-4, scheduler="cosine",
                           min_lr_ratio=0.01, batch_size=1, log_every=100, checkpoint_every=5000),
-        # l. 84: ACDC 3D; the official image_size [32, 128, 128] (the preprocessing of DiffuseMorph / FSDiffReg)
-        data=_cardiac_data(dims, (128, 128), (32, 128, 128)),
+        # l. 84: ACDC 3D; the official image_size [32, 128, 128] (the preprocessing of DiffuseMorph / FSDiffReg).
+        # l. 84: "we used the end-diastolic volumes as fixed images and end-systolic as moving": ES -> ED
+        data=_cardiac_data(dims, (128, 128), (32, 128, 128), direction="es->ed"),
         source="Zhuo & Shen 2024 (DiffuseReg, MICCAI), sec. 2-3 and the official configuration train_3D.json",
     )
 
@@ -431,8 +448,10 @@ def _fsdiffreg_profile(profile: str, dims: int | None) -> MethodConfig:
         # l. 94: Adam, lr 2e-4, batch size 1, at most 700 epochs; betas (0.5, 0.999) from the official code
         train=TrainConfig(epochs=700, lr=2e-4, batch_size=1, betas=(0.5, 0.999), scheduler="constant",
                           log_every=100, checkpoint_every=5000),
-        # l. 92: ACDC resampled to 1.5 x 1.5 x 3.15 mm and cropped to 128 x 128 x 32 (array order D, H, W)
-        data=_cardiac_data(dims, (128, 128), (32, 128, 128)),
+        # l. 92: ACDC resampled to 1.5 x 1.5 x 3.15 mm and cropped to 128 x 128 x 32 (array order D, H, W);
+        # l. 92: "the 3D image at the end of the diastolic stage as the fixed image and the image at the end of the
+        # systolic stage as the moving image": ES -> ED (the official code registers ED onto ES instead)
+        data=_cardiac_data(dims, (128, 128), (32, 128, 128), direction="es->ed"),
         source="Qin & Li 2023 (FSDiffReg, MICCAI), sec. 2.4 and 3 (implementation details), official train_3D.json",
     )
 
@@ -504,9 +523,10 @@ def _ldm_morph_profile(profile: str, dims: int | None) -> MethodConfig:
         # validation checkpoint, l. 198, which diffreg.train does not do)
         train=TrainConfig(steps=24_000, lr=1e-4, batch_size=1, scheduler="constant", log_every=100,
                           checkpoint_every=2000),
-        # l. 188: 112 x 112 resized and padded to 128 x 128, intensities [0, 1]
+        # l. 188: 112 x 112 resized and padded to 128 x 128, intensities [0, 1]; l. 188: "registering the
+        # end-diastolic images to their corresponding end-systolic images": ED -> ES (CAMUS-2CH and -4CH, l. 188)
         data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128), intensity=(0.0, 1.0),
-                        phantom="echo" if dims == 2 else "sax3d", n_subjects=40),
+                        phantom="echo" if dims == 2 else "sax3d", n_subjects=40, direction="ed->es"),
         source="Wu & Gong 2024 (LDM-Morph), sec. 3-4.2; official LDM-Morph configs and train.py",
     )
 

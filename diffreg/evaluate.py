@@ -125,7 +125,8 @@ def evaluate(
         dataset: a pair dataset (items with ``moving``, ``fixed``, ``moving_label``, ``fixed_label``, ``case`` and
             optionally ``spacing`` and ``true_ddf``); its ``labels`` attribute (``"acdc"`` or ``"camus"``) picks the
             structures and the aggregate Dice.
-        device: default: the model's device.
+        device: default :func:`diffreg.train.default_device` (the GPU when CUDA is available, else the CPU); the
+            model is moved there.
         progress: show a tqdm bar.
         limit: evaluate only the first ``limit`` pairs.
         **register_options: passed to ``model.register`` (e.g. sampler steps).
@@ -136,7 +137,9 @@ def evaluate(
     from tqdm.auto import tqdm
 
     if device is None:
-        device = next(model.parameters()).device
+        from diffreg.train import default_device
+
+        device = default_device()
     device = torch.device(device)
     model.to(device).eval()
     label_set = _label_set(dataset)

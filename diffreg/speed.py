@@ -319,12 +319,12 @@ def measure_speed(method: str, profile: str = "paper", dims: int | None = None, 
     """
     from diffreg.config import get_config
     from diffreg.models import build
-    from diffreg.train import _make_optimizer
+    from diffreg.train import _make_optimizer, default_device
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     cfg = get_config(method, profile, dims)
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if amp and dev.type != "cuda":

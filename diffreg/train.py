@@ -2,7 +2,9 @@
 
 * any :class:`~diffreg.models.RegistrationModel` (it only calls ``model.loss(batch)["total"]``);
 * Adam / AdamW, cosine or constant learning rate with optional warm-up, gradient clipping;
-* mixed precision on CUDA only (``bfloat16`` autocast, or ``float16`` with a gradient scaler);
+* float32 by default, as the papers train; mixed precision is opt-in (``TrainConfig.amp``, ``--amp``) and used on
+  CUDA only (``bfloat16`` autocast, or ``float16`` with a gradient scaler);
+* the GPU when one is available and no device is named (:func:`default_device`);
 * DDP when launched by ``torchrun`` (NCCL on CUDA, gloo on CPU); each process reads its own strided share of a
   seeded, per-epoch permutation of the dataset;
 * tqdm progress, a CSV log (``log.csv``), ``config.json``;
@@ -34,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffreg.config import MethodConfig, TrainConfig
 
-__all__ = ["fit", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info"]
+__all__ = ["fit", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info",
+           "default_device", "check_run_dir", "set_stage_steps", "STAGE_STEP_KEYS"]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
@@ -54,6 +57,86 @@ def distributed_info() -> tuple[int, int, int]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     return rank, local, world
+
+
+def default_device() -> torch.device:
+    """The device used wherever none is named (:func:`fit`, :func:`diffreg.evaluate.evaluate`,
+    :func:`diffreg.bench.run_bench`, :func:`diffreg.speed.measure_speed`, every ``python -m diffreg`` command).
+
+    Returns:
+        ``cuda:LOCAL_RANK`` under ``torchrun`` (``WORLD_SIZE > 1``) when CUDA is available, ``cuda`` (the current
+        GPU) when CUDA is available otherwise, else ``cpu``. Pass ``device="cpu"`` (``--device cpu``) to force the
+        CPU on a machine with a GPU.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    _, local_rank, world = distributed_info()
+    return torch.device("cuda", local_rank) if world > 1 else torch.device("cuda")
+
+
+def _describe(cfg: dict[str, Any]) -> str:
+    """``"voxelmorph (quick profile, 2D (64, 64))"`` from a stored configuration dictionary."""
+    data = cfg.get("data", {}) or {}
+    size = tuple(data.get("size", ()) or ())
+    return f"{cfg.get('method', '?')} ({cfg.get('profile', '?')} profile, {data.get('dims', '?')}D {size})"
+
+
+def _normalised(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A stored configuration with the current defaults filled in and tuples as lists (comparable as JSON)."""
+    try:
+        cfg = MethodConfig.from_dict(cfg).to_dict()
+    except (KeyError, TypeError):  # written by another version: compare what is there
+        pass
+    return json.loads(json.dumps(cfg, default=list))
+
+
+#: configuration sections a resumed run must share with the stored one (the training budget may change)
+_RUN_IDENTITY = ("method", "profile", "model", "data")
+
+
+def check_run_dir(out: str | Path, config: dict[str, Any] | None = None) -> None:
+    """Check that ``out`` can hold a run: it is a folder (or does not exist yet), and a checkpoint in it belongs to
+    the same method, profile, model and data settings as ``config`` (a :meth:`MethodConfig.to_dict`).
+
+    Args:
+        out: the run directory.
+        config: the configuration about to be trained (``None``: only check that ``out`` is not a file).
+
+    Raises:
+        ValueError: ``out`` is an existing file, or it holds a run of another method, profile, model or data
+            (the message says what it holds and how to start fresh).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a run directory: name a folder (it is created)")
+    ckpt_path = out / CHECKPOINT
+    if config is not None and ckpt_path.is_file():
+        _check_same_run(out, load_checkpoint(ckpt_path), config)
+
+
+def _check_same_run(out: Path, ckpt: dict[str, Any], config: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when the checkpoint ``ckpt`` of ``out`` is not a run of ``config`` (see
+    :func:`check_run_dir`)."""
+    stored = ckpt.get("config")
+    if not isinstance(stored, dict):
+        return
+    old, new = _normalised(stored), _normalised(config)
+    differ = [k for k in _RUN_IDENTITY if k in old and k in new and old[k] != new[k]]
+    if not differ:
+        return
+    details: list[str] = []
+    for k in differ:
+        if isinstance(old[k], dict) and isinstance(new[k], dict):
+            keys = sorted(set(old[k]) | set(new[k]))
+            changed = [f"{k}.{j}: {old[k].get(j)!r} -> {new[k].get(j)!r}" for j in keys
+                       if old[k].get(j) != new[k].get(j)]
+            details += changed[:4] + ([f"... ({len(changed) - 4} more)"] if len(changed) > 4 else [])
+        else:
+            details.append(f"{k}: {old[k]!r} -> {new[k]!r}")
+    raise ValueError(
+        f"{out} holds a {_describe(old)} run at step {int(ckpt.get('step', 0))}, which this training cannot "
+        f"resume ({'; '.join(details)}). Start fresh in a new folder (--out NEW_FOLDER --no-resume, or "
+        f"fit(..., out=NEW_FOLDER, resume=False)), or repeat that run's settings to continue it.")
 
 
 class StepSampler(Sampler[list[int]]):
@@ -118,6 +201,32 @@ def total_steps(cfg: TrainConfig, n_train: int, world: int = 1) -> int:
     """Optimizer steps of a full run: ``cfg.steps``, or ``cfg.epochs`` passes over ``n_train`` pairs in batches of
     ``cfg.batch_size`` per process on ``world`` processes."""
     return cfg.epochs * math.ceil(n_train / (cfg.batch_size * world)) if cfg.epochs else cfg.steps
+
+
+#: model settings holding the steps of the stages ``model.prepare`` trains before the main loop: DiffuseReg's teacher
+#: registration network, LDM-Morph's autoencoder and latent U-Net
+STAGE_STEP_KEYS = ("teacher_steps", "ae_steps", "ldm_steps")
+
+
+def set_stage_steps(config: MethodConfig, steps: int) -> list[str]:
+    """Set every first-stage step count of ``config.model`` (:data:`STAGE_STEP_KEYS`) to ``steps``.
+
+    Args:
+        config: a method configuration (changed in place).
+        steps: steps of each stage, >= 1.
+
+    Returns:
+        The keys that were set (empty for a method without a first stage).
+
+    Raises:
+        ValueError: ``steps < 1``.
+    """
+    if int(steps) < 1:
+        raise ValueError(f"stage steps must be >= 1, got {steps}")
+    keys = [k for k in STAGE_STEP_KEYS if k in config.model]
+    for k in keys:
+        config.model[k] = int(steps)
+    return keys
 
 
 def _lr_lambda(cfg: TrainConfig, total: int):
@@ -213,14 +322,21 @@ def fit(
         data: a map-style dataset of dict items (e.g. :class:`diffreg.data.PhantomPairs`).
         config: a :class:`~diffreg.config.MethodConfig` (stored in the run) or just a :class:`TrainConfig`.
         out: run directory for ``config.json``, ``log.csv`` and ``checkpoint.pt`` (``None``: keep nothing).
-        device: where to train; default: the model's device, or ``cuda:LOCAL_RANK`` under torchrun with CUDA.
-        resume: continue from ``out/checkpoint.pt`` when it exists.
+        device: where to train; default :func:`default_device` (the GPU when CUDA is available, ``cuda:LOCAL_RANK``
+            under torchrun; else the CPU). ``"cpu"`` forces the CPU.
+        resume: continue from ``out/checkpoint.pt`` when it exists (it must be a run of the same method, profile,
+            model and data settings).
         progress: show a tqdm bar (rank 0 only).
         max_steps: stop after this global step (the schedule still assumes the configured total; used to
             interrupt a run, e.g. to test resuming).
 
     Returns:
         The log rows written during this call (every ``log_every`` steps and the last step).
+
+    Raises:
+        ValueError: bad training settings, ``out`` is an existing file, or ``out`` holds a run of another method,
+            profile, model or data (start fresh with ``resume=False`` in a new folder).
+        FloatingPointError: the loss became NaN or Inf.
     """
     from tqdm.auto import tqdm
 
@@ -228,12 +344,7 @@ def fit(
     _check_train_config(tcfg)
     rank, local_rank, world = distributed_info()
     distributed = world > 1
-    if device is None:
-        if distributed and torch.cuda.is_available():
-            device = torch.device("cuda", local_rank)
-        else:
-            device = next(model.parameters()).device
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
     if device.type == "cuda":
@@ -246,6 +357,15 @@ def fit(
     stop = min(total, max_steps) if max_steps is not None else total
 
     out_dir = Path(out) if out is not None else None
+    cfg_dict = config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(tcfg)}
+    ckpt: dict[str, Any] | None = None
+    if out_dir is not None:
+        # before any work (a model's prepare stage may take hours): refuse a file, or a run of another configuration
+        check_run_dir(out_dir)
+        if resume and (out_dir / CHECKPOINT).is_file():
+            # on the CPU: RNG states must be CPU byte tensors; the optimizer moves its state to the parameters
+            ckpt = load_checkpoint(out_dir / CHECKPOINT, map_location="cpu")
+            _check_same_run(out_dir, ckpt, cfg_dict)
     seed_everything(tcfg.seed + rank)
     # A model with a stage before the main loop (a teacher network, a frozen autoencoder, data statistics) does it
     # here; it caches its products in ``out`` so a resumed run does not redo them, and the checkpoint restores them.
@@ -259,15 +379,16 @@ def fit(
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.amp_dtype]
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    cfg_dict = config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(tcfg)}
     start = 0
     resumed_log: dict[str, Any] = {}
     if out_dir is not None:
-        ckpt_path = out_dir / CHECKPOINT
-        if resume and ckpt_path.is_file():
-            # on the CPU: RNG states must be CPU byte tensors; the optimizer moves its state to the parameters
-            ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-            model.load_state_dict(ckpt["model"])
+        if ckpt is not None:
+            try:
+                model.load_state_dict(ckpt["model"])
+            except RuntimeError as exc:  # e.g. fit() given a bare TrainConfig: no stored configuration to compare
+                raise ValueError(f"{out_dir} holds a {_describe(ckpt.get('config') or {})} run whose weights do not "
+                                 f"fit this {type(model).__name__}: start fresh in a new folder (--out NEW_FOLDER "
+                                 f"--no-resume, or fit(..., out=NEW_FOLDER, resume=False)) ({exc})") from exc
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if "scaler" in ckpt and ckpt["scaler"]:
@@ -304,7 +425,9 @@ def fit(
             writer = csv.DictWriter(log_file, fieldnames=list(kept[0]))
             writer.writeheader()
             writer.writerows(kept)
-    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc=type(model).__name__,
+    precision = f"{tcfg.amp_dtype} autocast" if use_amp else "float32"
+    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0,
+               desc=f"{type(model).__name__} on {device}, {precision}",
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     model.train()
     t0 = time.perf_counter() - float(resumed_log.get("seconds", 0.0))
@@ -385,8 +508,12 @@ def _checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, scaler, s
         dist.barrier()
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, MethodConfig]:
+def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, MethodConfig]:
     """Rebuild the model of a run directory written by :func:`fit` and load its latest weights.
+
+    Args:
+        run_dir: a run directory (``config.json`` and ``checkpoint.pt``).
+        device: where to put the model; default :func:`default_device`.
 
     Returns:
         ``(model, config)`` with the model in eval mode on ``device``.
@@ -401,6 +528,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[n
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a diffreg run directory?")
     cfg = MethodConfig.from_dict(json.loads(cfg_path.read_text()))
+    device = torch.device(device) if device is not None else default_device()
     ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     model = build(cfg)
     model.load_state_dict(ckpt["model"])

@@ -59,3 +59,39 @@ def test_drdm_synthesize_writes_a_readable_dataset_and_leaves_the_input_alone(tm
     assert len(synthetic) > 0 and set(synthetic[0]["moving_label"].unique().tolist()) <= {0, 1, 2, 3}
     # an output folder inside the input is refused
     assert main(["synthesize", "--run", str(run), "--data", f"acdc-h5:{root}", "--out", str(root / "x")]) == 2
+
+
+def test_out_naming_an_existing_file_is_a_clear_error(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    for argv in (["train", "--method", "voxelmorph", "--out", str(f), "--steps", "1", "--size", "32", "32"],
+                 ["bench", "--methods", "voxelmorph", "--runs", str(tmp_path / "runs"), "--out", str(f)],
+                 ["phantom", "--out", str(f), "--patients", "1"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{f} is an existing file" in err and "Traceback" not in err, argv
+    assert f.read_text() == "keep me"
+    assert main(["evaluate", "--run", str(tmp_path / "runs"), "--out", str(tmp_path)]) == 2
+    assert "existing folder" in capsys.readouterr().err
+
+
+def test_a_run_directory_of_another_method_profile_or_data_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--out", str(run), "--steps", "2", "--size", "32", "32", "--device", "cpu"]
+    assert main(base + ["--method", "voxelmorph"]) == 0
+    capsys.readouterr()
+    before = (run / "checkpoint.pt").read_bytes()
+    for extra, what in ((["--method", "voxelmorph-diff"], "model.int_steps"),
+                        (["--method", "voxelmorph", "--profile", "paper", "--dims", "2"], "profile"),
+                        (["--method", "voxelmorph", "--data", "phantom:echo"], "phantom:echo"),
+                        (["--method", "voxelmorph", "--direction", "ed->es"], "data.direction")):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert "holds a voxelmorph" in err and what in err and "--no-resume" in err, (extra, err)
+        assert "Traceback" not in err and "state_dict" not in err
+    assert (run / "checkpoint.pt").read_bytes() == before  # nothing was overwritten
+    # the way out the message names: a new folder with --no-resume
+    assert main(base[:2] + [str(tmp_path / "new")] + base[3:] + ["--method", "voxelmorph-diff", "--no-resume"]) == 0
+    # more steps for the same run are fine: it resumes
+    assert main(["train", "--out", str(run), "--steps", "3", "--size", "32", "32", "--device", "cpu",
+                 "--method", "voxelmorph"]) == 0

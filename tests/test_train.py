@@ -40,21 +40,26 @@ def test_step_sampler_is_a_function_of_seed_and_step():
     assert sorted(r0 + r1) == list(range(8))
 
 
-def test_resume_continues_identically(tmp_path):
+def test_resume_continues_identically(tmp_path, device):
     data = ShiftedBlobs(6)
     straight = _model()
-    rows_a = fit(straight, data, _cfg(), out=tmp_path / "a", progress=False)
+    rows_a = fit(straight, data, _cfg(), out=tmp_path / "a", device=device, progress=False)
 
     interrupted = _model()
-    fit(interrupted, data, _cfg(), out=tmp_path / "b", progress=False, max_steps=8)
+    fit(interrupted, data, _cfg(), out=tmp_path / "b", device=device, progress=False, max_steps=8)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 8
     resumed = _model()  # a fresh process would rebuild the model; weights come from the checkpoint
-    rows_b = fit(resumed, data, _cfg(), out=tmp_path / "b", progress=False)
+    rows_b = fit(resumed, data, _cfg(), out=tmp_path / "b", device=device, progress=False)
 
+    assert next(resumed.parameters()).device.type == device.type
+    # bit-identical on the CPU; CUDA's grid_sample backward accumulates with atomics, so only close there
+    exact = device.type == "cpu"
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), k
+        assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-3, atol=1e-5), k
     assert rows_a[-1]["step"] == rows_b[-1]["step"] == 12
-    assert rows_a[-1]["total"] == pytest.approx(rows_b[-1]["total"], rel=0, abs=0)
+    assert rows_a[-1]["total"] == pytest.approx(rows_b[-1]["total"], rel=0 if exact else 1e-3, abs=0)
+    if not exact:
+        return
     log = (tmp_path / "b" / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,") and len(log) == 1 + 4  # header + steps 3, 6, 9, 12
     # the log of the resumed run is the log of the straight run (the row at step 9 spans the interruption at 8)
@@ -88,10 +93,12 @@ def test_bad_train_settings_are_rejected():
             fit(_model(), ShiftedBlobs(2), cfg, progress=False)
 
 
-def test_loss_decreases_with_cosine_schedule(tmp_path):
+def test_loss_decreases_with_cosine_schedule(tmp_path, device):
     cfg = _cfg(60)
     cfg.train.log_every = 20
-    rows = fit(_model(), ShiftedBlobs(8), cfg, out=None, progress=False)
+    model = _model()
+    rows = fit(model, ShiftedBlobs(8), cfg, out=None, device=device, progress=False)
+    assert next(model.parameters()).device.type == device.type
     assert rows[-1]["total"] < rows[0]["total"]
     assert rows[-1]["lr"] < 1e-4  # cosine decayed to ~0 at the end
 
@@ -108,7 +115,7 @@ DDP_SCRIPT = textwrap.dedent(
     cfg.train = TrainConfig(steps=6, lr=1e-3, batch_size=1, log_every=2, checkpoint_every=3, seed=0)
     torch.manual_seed(0)
     model = VoxelMorph(dims=2)
-    fit(model, ShiftedBlobs(8), cfg, out={out!r}, progress=False)
+    fit(model, ShiftedBlobs(8), cfg, out={out!r}, device="cpu", progress=False)  # gloo: two CPU processes
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)

@@ -110,11 +110,29 @@ def open_dataset(spec: str, split: str = "train", dims: int = 2, profile: str | 
 
 
 def open_configured(spec: str, split: str, data: Any, profile: str | None, **kwargs: Any) -> PairDataset:
-    """:func:`open_dataset` at a configuration's data settings (a :class:`diffreg.config.DataConfig`: ``dims``,
-    ``size``, and for phantoms ``phantom`` and ``n_subjects``): ``"phantom"`` means the configuration's phantom kind
-    (``sax``, ``sax3d`` or ``echo``). ``kwargs`` are passed on (e.g. ``intensity``)."""
+    """:func:`open_dataset` at a configuration's data settings.
+
+    Args:
+        spec: a ``DIFFREG_DATA`` string; ``"phantom"`` means the configuration's phantom kind (``sax``, ``sax3d`` or
+            ``echo``).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
+        data: a :class:`diffreg.config.DataConfig`: ``dims``, ``size``, ``direction`` (``None``: the dataset's
+            default), for phantoms ``phantom`` and ``n_subjects``, for CAMUS ``view``, for ACDC ``split_scheme``.
+        profile: the profile whose preprocessing is used (``"quick"`` or ``"paper"``).
+        **kwargs: passed on (e.g. ``intensity``); they override the configuration's values.
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`open_dataset`.
+    """
+    scheme = spec.strip().lower().partition(":")[0]
     if spec.strip().lower() == "phantom":
         spec = f"phantom:{data.phantom}"
-    if spec.strip().lower().startswith("phantom"):
+    if scheme == "phantom":
         kwargs.setdefault("n_subjects", data.n_subjects)
+    if getattr(data, "direction", None) is not None:
+        kwargs.setdefault("direction", data.direction)
+    if scheme == "camus":
+        kwargs.setdefault("view", getattr(data, "view", "2CH"))
+    if scheme in ("acdc", "acdc-h5"):
+        kwargs.setdefault("split_scheme", getattr(data, "split_scheme", "diffreg"))
     return open_dataset(spec, split=split, dims=data.dims, profile=profile, size=data.size, **kwargs)

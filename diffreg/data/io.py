@@ -13,8 +13,9 @@ Explained in chapter 01 (data) and ``book/reproducing.md`` (real data). Nothing 
 Errors raised by all functions:
 
 * ``FileNotFoundError`` -- a file does not exist (the message names it);
-* ``ValueError`` -- a file is unreadable or corrupt, a key is missing, voxels are NaN/Inf, labels are outside the
-  expected set or not integers, or an image and its mask differ in shape (the message names the file(s)).
+* ``ValueError`` -- a file is unreadable or corrupt, a key is missing, voxels are NaN/Inf, an image is constant
+  (e.g. all zeros), labels are outside the expected set or not integers, or an image and its mask differ in shape
+  (the message names the file(s)).
 """
 
 from __future__ import annotations
@@ -255,10 +256,14 @@ def read_cfg(path: PathLike, required: Iterable[str] = ()) -> dict[str, int | fl
 
 
 def check_image(arr: np.ndarray, path: PathLike) -> np.ndarray:
-    """Return ``arr`` as float32 after checking it is non-empty and finite.
+    """Return ``arr`` as float32 after checking it is non-empty, finite and not constant.
+
+    A constant image (e.g. all zeros: an export that wrote no data) has no structure to register and would train
+    silently on nothing after min-max scaling, so it is refused like NaN voxels.
 
     Raises:
-        ValueError: empty array or NaN/Inf voxels (names the file and counts them).
+        ValueError: empty array, NaN/Inf voxels (names the file and counts them), or every voxel equal (names the
+            file and the value).
     """
     arr = np.asarray(arr)
     if arr.size == 0:
@@ -270,6 +275,10 @@ def check_image(arr: np.ndarray, path: PathLike) -> np.ndarray:
     if bad.any():
         n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
         raise ValueError(f"{path}: image has {n_nan} NaN and {n_inf} Inf voxels")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi == lo:
+        raise ValueError(f"{path}: image is constant (every one of its {arr.size} voxels is {lo:g}): nothing to "
+                         "register; replace or remove this file")
     return arr
 
 

@@ -14,14 +14,19 @@ Every dataset is a :class:`PairDataset`: a map-style :class:`torch.utils.data.Da
 and whose attributes ``labels`` (``"acdc"`` or ``"camus"``), ``structures`` (name -> label value), ``dims``,
 ``direction`` and ``intensity`` describe it. The default ``DataLoader`` collate works (no ``None`` values).
 
-**Direction.** ``direction="es->ed"`` registers end-systole (moving) to end-diastole (fixed), as DiffuseMorph,
-FSDiffReg and DiffuseReg do on ACDC (default for ACDC and the short-axis phantoms); ``"ed->es"`` (moving = ED, fixed =
-ES) is LDM-Morph's CAMUS setting, "registering the end-diastolic images to their corresponding end-systolic images"
-(default for CAMUS and the echo phantom).
+**Direction.** ``direction="es->ed"`` registers end-systole (moving) to end-diastole (fixed), as the DiffuseReg
+text ("we used the end-diastolic volumes as fixed images and end-systolic as moving", l. 84) and the FSDiffReg text
+(l. 92) do on ACDC (default for ACDC and the short-axis phantoms); ``"ed->es"`` (moving = ED, fixed = ES) is
+DiffuseMorph's ("the end-diastolic images aligned with the end-systolic images", l. 241, and its official code) and
+LDM-Morph's CAMUS setting, "registering the end-diastolic images to their corresponding end-systolic images" (l. 188;
+default for CAMUS and the echo phantom). The paper profiles of :mod:`diffreg.config` set each paper's direction.
 
 **Splits** are by subject (patient), deterministic, and interleaved over the sorted subject list
 (:func:`split_indices`: 70 % train, 10 % val, 20 % test): ACDC's 100 training patients are stored in blocks of 20
-per pathology group, so every group lands in every split (4 test and 2 validation patients per group).
+per pathology group, so every group lands in every split (4 test and 2 validation patients per group). ACDC also
+offers ``split_scheme="official"``: train and val (90 / 10 %, interleaved the same way) from the given folder, test =
+the patients of the sibling ``testing/`` folder of the official release (DiffuseReg's protocol: 100 training, 50
+testing volumes, l. 84).
 
 **Preprocessing** (``profile``):
 
@@ -68,12 +73,16 @@ __all__ = [
     "pad_or_crop",
     "SPLITS",
     "DIRECTIONS",
+    "SPLIT_SCHEMES",
+    "official_roots",
     "PAPER_SPACING",
     "PAPER_SIZE",
 ]
 
 SPLITS = ("train", "val", "test", "all")
 DIRECTIONS = ("es->ed", "ed->es")
+#: ACDC split schemes: ``"diffreg"`` (70/10/20 % of one folder), ``"official"`` (training/ and testing/ folders)
+SPLIT_SCHEMES = ("diffreg", "official")
 #: DiffuseMorph / FSDiffReg / DiffuseReg ACDC preprocessing: spacing (slice, row, column) mm and size (D, H, W).
 PAPER_SPACING = (3.15, 1.5, 1.5)
 PAPER_SIZE = (32, 128, 128)
@@ -115,6 +124,37 @@ def split_indices(n: int, split: str, fractions: tuple[float, float, float] = (0
     if split == "val":
         return val
     return [i for i in remaining if i not in set(val)]
+
+
+def official_roots(root: str | Path) -> tuple[Path, Path]:
+    """The ``(training, testing)`` folders of the official ACDC release for ``root``.
+
+    ``root`` is either the training folder (``.../ACDC/training``, whose sibling ``.../ACDC/testing`` holds the
+    test patients) or the folder holding both (``.../ACDC``).
+
+    Raises:
+        FileNotFoundError: no ``testing/`` folder next to (or inside) ``root``.
+    """
+    root = Path(root)
+    if (root / "training").is_dir() and (root / "testing").is_dir():
+        return root / "training", root / "testing"
+    sibling = root.parent / "testing"
+    if sibling.is_dir() and sibling.resolve() != root.resolve():
+        return root, sibling
+    raise FileNotFoundError(
+        f"split_scheme='official' takes the test patients from ACDC's testing/ folder, but there is none next to "
+        f"{root} (looked for {sibling}) nor inside it; point the data at .../ACDC/training with .../ACDC/testing "
+        f"beside it, or use split_scheme='diffreg' (70/10/20 % of {root})")
+
+
+def _train_val_indices(n: int, split: str, f_val: float = 0.1) -> list[int]:
+    """Positions ``0..n-1`` of ``split`` (``"train"`` or ``"val"``) when the test set is elsewhere: validation is
+    every ``1 / f_val``-th subject (the last of each block, at least one when ``n >= 2``), training the rest."""
+    n_val = max(int(round(f_val * n)), 1) if n >= 2 else 0
+    val = sorted({int(math.floor((k + 1) * n / n_val)) - 1 for k in range(n_val)}) if n_val else []
+    if split == "val":
+        return val
+    return [i for i in range(n) if i not in set(val)]
 
 
 def normalize_intensity(arr: np.ndarray, clip_percentile: float | None = 99.5) -> np.ndarray:
@@ -414,6 +454,9 @@ class ACDCPairs(PairDataset):
         dims: 3 (volumes) or 2 (slice pairs: the same ``z`` in ED and ES).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (patient level, :func:`split_indices` on the
             sorted patient ids).
+        split_scheme: ``"diffreg"`` (70/10/20 % of ``root``'s patients) or ``"official"`` (train/val 90/10 % of
+            ``root``'s patients, test = the patients of the official release's ``testing/`` folder beside ``root``,
+            see :func:`official_roots`; ``"all"`` = both folders).
         profile: ``"quick"``, ``"paper"``, ``"ldm"`` (2D LDM-Morph) or ``None`` (``"paper"`` in 3D, ``"quick"`` in
             2D); sets the defaults of ``size``, ``spacing``, ``intensity``, ``roi``.
         size: output shape; 3D default ``(32, 128, 128)`` (paper) / ``(16, 64, 64)`` (quick); 2D ``(64, 64)``
@@ -437,9 +480,10 @@ class ACDCPairs(PairDataset):
         ldm_slices: shorthand for ``profile="ldm"``.
 
     Raises:
-        FileNotFoundError: missing root, patients, ``Info.cfg`` or ED/ES files.
-        ValueError: bad ``Info.cfg``, unreadable files, NaN/Inf, labels outside {0,1,2,3}, shape mismatches, bad
-            arguments.
+        FileNotFoundError: missing root, patients, ``Info.cfg`` or ED/ES files; no ``testing/`` folder with
+            ``split_scheme="official"``.
+        ValueError: bad ``Info.cfg``, unreadable files, NaN/Inf or constant images, labels outside {0,1,2,3}, shape
+            mismatches, bad arguments.
     """
 
     def __init__(self, root: str | Path, layout: str = "nifti", dims: int = 3, split: str = "train",
@@ -448,10 +492,11 @@ class ACDCPairs(PairDataset):
                  direction: str = "es->ed", slice_filter: str = "foreground", roi: str | None = "auto",
                  roi_margin: float = 1.8, h5_spacing: Sequence[float] = _acdc.H5_SPACING,
                  clip_percentile: float | None = 99.5, patients: Sequence[str] | None = None,
-                 preload: bool | None = None, ldm_slices: bool = False) -> None:
+                 preload: bool | None = None, ldm_slices: bool = False, split_scheme: str = "diffreg") -> None:
         _check_choice(dims, (2, 3), "dims")
         _check_choice(layout, ("nifti", "h5"), "layout")
         _check_choice(split, SPLITS, "split")
+        _check_choice(split_scheme, SPLIT_SCHEMES, "split_scheme")
         _check_choice(slice_filter, ("foreground", "any", "all"), "slice_filter")
         profile = _profile_name(profile, dims)
         if ldm_slices:
@@ -461,16 +506,30 @@ class ACDCPairs(PairDataset):
             intensity = (0.0, 1.0) if ldm else (-1.0, 1.0)
         super().__init__("acdc", dims, direction, intensity)
         self.root, self.layout, self.split, self.profile = Path(root), layout, split, profile
+        self.split_scheme = split_scheme
         self.h5_spacing = tuple(float(s) for s in h5_spacing)
         self.clip_percentile = clip_percentile
         self.slice_filter = slice_filter
-        all_patients = _acdc.find_acdc(root, layout)
+        if split_scheme == "official":
+            train_root, test_root = official_roots(root)
+            training = _acdc.find_acdc(train_root, layout)
+            testing = _acdc.find_acdc(test_root, layout) if split in ("test", "all") or patients is not None else []
+            all_patients = training + testing
+        else:
+            all_patients = _acdc.find_acdc(root, layout)
         if patients is not None:
             wanted = set(patients)
             unknown = wanted - {p.pid for p in all_patients}
             if unknown:
                 raise FileNotFoundError(f"patient(s) {', '.join(sorted(unknown))} not found under {root}")
             self.patients = [p for p in all_patients if p.pid in wanted]
+        elif split_scheme == "official":
+            if split == "all":
+                self.patients = all_patients
+            elif split == "test":
+                self.patients = testing
+            else:
+                self.patients = [training[i] for i in _train_val_indices(len(training), split)]
         else:
             self.patients = [all_patients[i] for i in split_indices(len(all_patients), split)]
         if dims == 3:
@@ -561,8 +620,9 @@ class ACDCPairs(PairDataset):
         return self._records[i]["case"]
 
     def extra_repr(self) -> str:
-        return (f"root='{self.root}', layout={self.layout!r}, split={self.split!r}, {len(self.patients)} patients, "
-                f"profile={self.profile!r}, size={self.size}")
+        scheme = f", split_scheme={self.split_scheme!r}" if self.split_scheme != "diffreg" else ""
+        return (f"root='{self.root}', layout={self.layout!r}, split={self.split!r}{scheme}, "
+                f"{len(self.patients)} patients, profile={self.profile!r}, size={self.size}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -714,8 +714,21 @@ def _subject_seed(seed: int, subject: int) -> int:
 
 def _prepare_root(root: str | Path) -> Path:
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is an existing file: the phantom writers need a folder (it is created)")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def _patient_ids(n_patients: int, first_id: int) -> range:
+    """Patient numbers ``first_id ... first_id + n_patients - 1``.
+
+    Raises:
+        ValueError: ``n_patients < 1`` or ``first_id < 1``.
+    """
+    if int(n_patients) < 1 or int(first_id) < 1:
+        raise ValueError(f"n_patients and first_id must be >= 1, got {n_patients} and {first_id}")
+    return range(int(first_id), int(first_id) + int(n_patients))
 
 
 def _new_file(path: Path, overwrite: bool) -> Path:
@@ -740,7 +753,7 @@ def _mr_intensity(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_acdc(root: str | Path, n_patients: int = 4, seed: int = 0, size: Sequence[int] = (10, 96, 96),
-               n_frames: int = 10, overwrite: bool = False) -> Path:
+               n_frames: int = 10, overwrite: bool = False, first_id: int = 1) -> Path:
     """Write phantom patients in the official ACDC NIfTI layout.
 
     ``root/patientXXX/`` holds ``Info.cfg`` (``ED: 1``, ``ES: N``, ``Group``, ``Height``, ``NbFrame``, ``Weight``),
@@ -756,13 +769,14 @@ def write_acdc(root: str | Path, n_patients: int = 4, seed: int = 0, size: Seque
         size: ``(D, H, W)`` of each volume.
         n_frames: frames of the cine (``NbFrame``); ES at ~40 % of the cycle.
         overwrite: allow replacing existing files.
+        first_id: number of the first patient (e.g. 101 for a ``testing/`` folder like the official release's).
 
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
     """
     root = _prepare_root(root)
     groups = ("NOR",)
-    for i in range(1, n_patients + 1):
+    for i in _patient_ids(n_patients, first_id):
         rng = np.random.default_rng(_subject_seed(seed, i) + 7)
         inplane = rng.uniform(1.4, 1.7)
         spacing = (float(rng.choice([10.0, 10.0, 10.0, 8.0])), inplane, inplane)
@@ -784,12 +798,12 @@ def write_acdc(root: str | Path, n_patients: int = 4, seed: int = 0, size: Seque
 
 
 def write_acdc_h5(root: str | Path, n_patients: int = 4, seed: int = 0, size: Sequence[int] = (10, 96, 96),
-                  n_frames: int = 10, overwrite: bool = False) -> Path:
+                  n_frames: int = 10, overwrite: bool = False, first_id: int = 1) -> Path:
     """Write phantom patients in the common preprocessed ACDC HDF5 layout (as ``../shared/data/acdc-dev``).
 
     ``root/patientXXX_frameYY.h5`` for ED (``frame01``, the lower number) and ES, each with ``image`` (float32,
     ``(Z, Y, X)``, clipped at its 99th percentile and scaled to [0, 1]) and ``label`` (uint8). No spacing is
-    stored in this layout.
+    stored in this layout. Arguments as :func:`write_acdc`.
 
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
@@ -797,7 +811,7 @@ def write_acdc_h5(root: str | Path, n_patients: int = 4, seed: int = 0, size: Se
     import h5py
 
     root = _prepare_root(root)
-    for i in range(1, n_patients + 1):
+    for i in _patient_ids(n_patients, first_id):
         rng = np.random.default_rng(_subject_seed(seed, i) + 7)
         inplane = rng.uniform(1.4, 1.7)
         seq = make_sax_3d(size, n_frames=n_frames, seed=_subject_seed(seed, i), spacing=(10.0, inplane, inplane))
@@ -813,19 +827,20 @@ def write_acdc_h5(root: str | Path, n_patients: int = 4, seed: int = 0, size: Se
 
 
 def write_camus(root: str | Path, n_patients: int = 4, seed: int = 0, size: Sequence[int] = (128, 128),
-                n_frames: int = 8, half_sequence: bool = True, overwrite: bool = False) -> Path:
+                n_frames: int = 8, half_sequence: bool = True, overwrite: bool = False, first_id: int = 1) -> Path:
     """Write phantom patients in the CAMUS NIfTI layout.
 
     ``root/patientXXXX/patientXXXX_{2CH,4CH}_{ED,ES}.nii.gz`` and ``_gt.nii.gz``, ``Info_2CH.cfg`` /
     ``Info_4CH.cfg`` (``ED``, ``ES``, ``NbFrame``, ``Sex``, ``Age``, ``ImageQuality``, ``EF``, ``FrameRate``) and, if
     ``half_sequence``, ``patientXXXX_{2CH,4CH}_half_sequence.nii.gz``. Arrays are NIfTI ``(X, Y[, T])`` (the image
-    ``(H, W)`` transposed), uint8 intensities 0-255, uint8 labels (1 = LV, 2 = Myo, 3 = LA).
+    ``(H, W)`` transposed), uint8 intensities 0-255, uint8 labels (1 = LV, 2 = Myo, 3 = LA). ``first_id`` is the
+    number of the first patient (``patient0001`` by default).
 
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
     """
     root = _prepare_root(root)
-    for i in range(1, n_patients + 1):
+    for i in _patient_ids(n_patients, first_id):
         pid = f"patient{i:04d}"
         d = root / pid
         d.mkdir(exist_ok=True)

@@ -234,3 +234,28 @@ def test_bad_arguments(acdc):
 def test_writers_never_overwrite(acdc):
     with pytest.raises(FileExistsError, match=r"never overwrite"):
         write_acdc(acdc, n_patients=1, size=SIZE, n_frames=2)
+
+
+@pytest.mark.parametrize("value", [0.0, 17.0])
+def test_constant_image_is_refused(acdc, camus, acdc_h5, value):
+    f = acdc / P / f"{P}_frame02.nii.gz"
+    arr = np.asarray(nib.load(str(f)).dataobj)
+    _replace_nifti(f, np.full(arr.shape, value, dtype=np.float32))
+    with pytest.raises(ValueError, match=rf"patient001_frame02\.nii\.gz: image is constant .* {value:g}"):
+        _load_all(acdc, dims=3)
+    with pytest.raises(ValueError, match=r"patient001_frame02\.nii\.gz: image is constant"):
+        ACDCPairs(acdc, dims=2, split="all")  # 2D slices: refused at construction too
+    img = camus / "patient0001" / "patient0001_2CH_ES.nii.gz"
+    _replace_nifti(img, np.zeros(nib.load(str(img)).shape, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"patient0001_2CH_ES\.nii\.gz: image is constant"):
+        CAMUSPairs(camus, view="2CH", split="all")
+    with h5py.File(acdc_h5 / "patient002_frame01.h5", "r+") as h:
+        h["image"][...] = value
+    with pytest.raises(ValueError, match=r"patient002_frame01\.h5: image is constant"):
+        ACDCPairs(acdc_h5, layout="h5", dims=2, split="all")
+
+
+def test_writers_refuse_a_file_as_root(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"file is an existing file"):
+        write_acdc(tmp_path / "file", n_patients=1, size=SIZE, n_frames=2)

@@ -15,11 +15,11 @@ def test_paper_parameter_counts_match_official_voxelmorph():
 
 @pytest.mark.parametrize("cls", [VoxelMorph, VoxelMorphDiff])
 @pytest.mark.parametrize("dims,size", [(2, (32, 32)), (3, (16, 32, 32))])
-def test_shapes_identity_start_and_interface(cls, dims, size):
+def test_shapes_identity_start_and_interface(cls, dims, size, device):
     torch.manual_seed(0)
-    model = cls(dims=dims)
-    x = torch.randn(2, 1, *size)
-    y = torch.randn(2, 1, *size)
+    model = cls(dims=dims).to(device)
+    x = torch.randn(2, 1, *size, device=device)
+    y = torch.randn(2, 1, *size, device=device)
     ddf = model(x, y)
     assert ddf.shape == (2, dims, *size)
     # flow layer initialised at N(0, 1e-5): the untrained model is (almost) the identity

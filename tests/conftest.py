@@ -1,0 +1,59 @@
+"""Shared fixtures of the unit tests: the device they run on.
+
+The unit tests run on the CPU by default, also on a machine with a GPU, so their results do not depend on the
+hardware. ``DIFFREG_TEST_DEVICE=cuda pytest tests`` runs them on the GPU (``benchmarks/gpu_check.py`` does): the
+``device`` fixture returns that device, and wherever the package picks a device itself
+(:func:`diffreg.train.default_device`: ``fit``, ``evaluate``, ``run_bench``, ``measure_speed``, the command line) it
+picks that one. Tests of the device rule itself use the ``real_default_device`` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import diffreg.train
+
+_REAL_DEFAULT_DEVICE = diffreg.train.default_device
+
+
+def test_device() -> torch.device:
+    """``DIFFREG_TEST_DEVICE`` as a :class:`torch.device` (default ``cpu``).
+
+    Raises:
+        ValueError: the variable names CUDA on a machine without it, or is not a device string.
+    """
+    name = os.environ.get("DIFFREG_TEST_DEVICE", "cpu").strip() or "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"DIFFREG_TEST_DEVICE={name!r} is not a device ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"DIFFREG_TEST_DEVICE={name!r} but CUDA is not available on this machine")
+    return dev
+
+
+test_device.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the test runs on (``DIFFREG_TEST_DEVICE``, default ``cpu``)."""
+    return test_device()
+
+
+@pytest.fixture(autouse=True)
+def _default_device_is_the_test_device(monkeypatch):
+    """Where the package chooses a device itself, it chooses the test device."""
+    dev = test_device()
+    monkeypatch.setattr(diffreg.train, "default_device", lambda: dev)
+    yield
+
+
+@pytest.fixture
+def real_default_device(monkeypatch):
+    """:func:`diffreg.train.default_device` as the package defines it (undoes the test-device choice)."""
+    monkeypatch.setattr(diffreg.train, "default_device", _REAL_DEFAULT_DEVICE)
+    return _REAL_DEFAULT_DEVICE
