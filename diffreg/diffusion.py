@@ -1,6 +1,6 @@
 """Denoising diffusion: noise schedules, the forward process, x0/eps conversions and DDPM / DDIM samplers.
 
-Explained in chapter 03 (``notebooks/03_diffusion.md``). Notation (Ho et al. 2020, "DDPM"; Song et al. 2021,
+Explained in chapter 03 (``notebooks/03_ddpm.md``). Notation (Ho et al. 2020, "DDPM"; Song et al. 2021,
 "DDIM"): ``beta_t`` the noise schedule, ``alpha_t = 1 - beta_t``, ``abar_t = prod_{s<=t} alpha_s``, timesteps
 ``t = 0 ... T-1`` (0-based, as in diffusers / MONAI), ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
 

@@ -5,7 +5,8 @@ show as an empty box, so every viewer takes ``static=True`` and then returns the
 (an ``IPython.display.HTML`` JavaScript player) instead. Chapters call the static form (or ``viz.player`` directly);
 a reader running the notebook can call the live one, e.g. ``field_viewer(m, f, u, static=not in_live_kernel())``.
 
-Explained in chapter 01 (``notebooks/01_registration.md``).
+Used by chapters 04 and 06 (``notebooks/04_diffusemorph.md``, ``notebooks/06_diffusereg.md``), whose live cells fall
+back to the static players in the rendered book.
 """
 
 from __future__ import annotations
