@@ -217,7 +217,7 @@ def _voxelmorph(profile: str, dims: int | None, diffeomorphic: bool) -> MethodCo
                 int_steps=int_steps,
                 int_downsize=1,
             ),
-            # lr 1e-3: 1e-4 (the paper's) is far too slow for a budget of minutes on a CPU (DESIGN.md sec. 4).
+            # lr 1e-3: 1e-4 (the paper's) is far too slow for a budget of minutes on a CPU.
             train=TrainConfig(steps=1500 if dims == 2 else 300, lr=1e-3, batch_size=1, scheduler="constant",
                               log_every=50, checkpoint_every=500),
             data=DataConfig(dims=dims, size=size, phantom=_cardiac_phantom(dims)),
@@ -267,7 +267,9 @@ def _diffusemorph_model(dims: int) -> dict[str, Any]:
         widths=(8, 16, 32, 32),
         norm_groups=4,
         vm_layout="vm1",  # l. 200-202: "the backbone of VoxelMorph-1 [3] for the deformation network"
-        lambda_reg=20.0 if dims == 3 else 2.0,  # l. 202: lambda = 20 (cardiac MR, 3D), lambda = 2 (faces, 2D)
+        # l. 202: lambda = 20 (cardiac MR, 3D), lambda = 2 (faces, 2D); in 2D the paper profile applies the face
+        # value to cardiac slices (see _diffusemorph_profile)
+        lambda_reg=20.0 if dims == 3 else 2.0,
         lambda_smooth=1.0,  # l. 121: "We set lambda_phi = 1"
         ncc_window=9,  # l. 121: local NCC of VoxelMorph [3] (window 9)
         timesteps=2000,  # l. 200: T_train = 2000
@@ -287,8 +289,8 @@ def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
             # faces for which the paper used lambda = 2. With lambda = 2 the 1500 quick steps barely register
             # (Dice 0.71 -> 0.77 against 0.89-0.92 with lambda = 20 on the held-out phantom pairs).
             model={**_diffusemorph_model(dims), "lambda_reg": 20.0},
-            # lr 1e-3: the paper's 2e-4 (3D) / 5e-6 (2D) is far too slow for a budget of minutes on a CPU
-            # (DESIGN.md sec. 4); Adam betas (0.5, 0.999) as in the official code.
+            # lr 1e-3: the paper's 2e-4 (3D) / 5e-6 (2D) is far too slow for a budget of minutes on a CPU;
+            # Adam betas (0.5, 0.999) as in the official code.
             train=TrainConfig(steps=1500 if dims == 2 else 300, lr=1e-3, batch_size=1, betas=(0.5, 0.999),
                               scheduler="constant", log_every=50, checkpoint_every=500),
             data=_cardiac_data(dims, (64, 64), (16, 64, 64)),
@@ -301,6 +303,10 @@ def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
         model=_diffusemorph_model(dims),
         # l. 202: cardiac MR lr 2e-4 for 800 epochs (faces: 5e-6, 40 epochs); Adam (l. 202); betas (0.5, 0.999) and
         # batch 1 from the official 3D training config.
+        # dims=2 is not a paper experiment: the paper's only 2D experiment registers faces, and it has no 2D cardiac
+        # one. This 2D profile combines the 3D network widths (the official face network is much wider: inner_channel
+        # 64) with the face experiment's hyper-parameters (lambda 2, lr 5e-6, 40 epochs) and applies them to 2D
+        # cardiac slices (see the DiffuseMorph docstring and chapter 04).
         train=TrainConfig(epochs=800 if dims == 3 else 40, lr=2e-4 if dims == 3 else 5e-6, batch_size=1,
                           betas=(0.5, 0.999), scheduler="constant", log_every=100, checkpoint_every=5000),
         # l. 196: ACDC cropped to 128 x 128 x 32. l. 241: "We tested the image registration of the end-diastolic images
@@ -433,7 +439,7 @@ def _fsdiffreg_profile(profile: str, dims: int | None) -> MethodConfig:
             profile=profile,
             # the paper's architecture at half its widths (4, 8, 16, 16): half the time per step on a CPU
             model={**_fsdiffreg_model(), "widths": (4, 8, 16, 16)},
-            # lr 1e-3: the paper's 2e-4 is far too slow for a budget of minutes on a CPU (DESIGN.md sec. 4);
+            # lr 1e-3: the paper's 2e-4 is far too slow for a budget of minutes on a CPU;
             # Adam betas (0.5, 0.999) as in the official code.
             train=TrainConfig(steps=300 if dims == 2 else 100, lr=1e-3, batch_size=1, betas=(0.5, 0.999),
                               scheduler="constant", log_every=50, checkpoint_every=500),
@@ -483,8 +489,8 @@ def _ldm_morph_profile(profile: str, dims: int | None) -> MethodConfig:
                 ae_steps=100, ae_lr=2e-3, ae_batch=16, ldm_steps=150, ldm_lr=2e-3, ldm_batch=16, stage1_seed=0,
                 cache_features=True,  # exact speed-up: stage 1 is frozen and DDIM inversion is deterministic
             ),
-            # lr 1e-3 and batch 4: the paper's 1e-4 and batch 1 are far too slow for a budget of minutes on a CPU
-            # (DESIGN.md sec. 4); a batch of 4 costs less than twice a batch of 1 at this size.
+            # lr 1e-3 and batch 4: the paper's 1e-4 and batch 1 are far too slow for a budget of minutes on a CPU;
+            # a batch of 4 costs less than twice a batch of 1 at this size.
             train=TrainConfig(steps=150, lr=1e-3, batch_size=4, scheduler="constant", log_every=15,
                               checkpoint_every=150),
             data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (32, 64, 64), intensity=(0.0, 1.0),
@@ -587,7 +593,7 @@ def _drdm_profile(profile: str, dims: int | None) -> MethodConfig:
             method="drdm",
             profile=profile,
             model=model,
-            # lr 1e-3: the paper's 1e-4 is far too slow for a budget of minutes on a CPU (DESIGN.md sec. 4); each
+            # lr 1e-3: the paper's 1e-4 is far too slow for a budget of minutes on a CPU; each
             # step trains on 2 x batch_size images (moving and fixed of every pair)
             train=TrainConfig(steps=600 if dims == 2 else 100, lr=1e-3, batch_size=2, scheduler="constant",
                               log_every=25, checkpoint_every=100),

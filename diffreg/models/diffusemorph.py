@@ -38,23 +38,47 @@ Schedule (sec. 4, implementation details): betas linear from 1e-6 to 1e-2 over `
 (:meth:`diffreg.diffusion.NoiseSchedule.linear`). Timesteps are 0-based (``t = 0 ... T_train - 1``) as everywhere
 in :mod:`diffreg.diffusion`; the paper's 1-based ``t`` maps to ``t - 1``.
 
-Deviations and choices (documented):
+Deviations and choices (each also in the box of chapter 04):
 
-* Attention: the official 3D U-Net has self-attention only at the bottleneck. MONAI's ``DiffusionModelUNet``
-  always puts one self-attention block in its middle (bottleneck) block, so ``attention_levels`` defaults to all
-  ``False`` (no attention in the encoder/decoder levels), which reproduces "bottleneck only". With
-  ``widths=(8, 16, 32, 32)``, ``norm_groups=4``, one head of 32 channels, the 3D diffusion network has
-  724,425 parameters (official: ~0.72 M). MONAI's block layout (skip/ResBlock arrangement, up/down sampling
-  convs) is not identical to the SR3-style official U-Net; the counts agree to within about 1 %.
-* Deformation network: diffreg's VM-1 (encoder 16,32,32,32; decoder 32,32,32,32,8,8; 276,523 parameters in 3D).
-  The official ``registUnetBlock`` has one more encoder level (encoder 16,32,32,32,32; decoder 32,32,32,8,8),
-  hence the whole 3D model here has 1,000,948 parameters against ~1.08 M officially. The flow layer keeps
-  VoxelMorph's N(0, 1e-5) initialisation (the official code initialises both networks with its own normal /
-  orthogonal schemes).
+* **Diffusion U-Net blocks.** The official 3D U-Net has attention only at the bottleneck. MONAI's
+  ``DiffusionModelUNet`` always puts one self-attention block in its middle (bottleneck) block, so
+  ``attention_levels`` defaults to all ``False`` (no attention in the encoder/decoder levels), which reproduces
+  "bottleneck only". That attention differs in kind: the official block is *linear* attention with 4 heads (softmax
+  of the keys over positions, a channel-by-channel context), ours is MONAI's softmax self-attention with one head of
+  32 channels. MONAI's other block details (time-embedding MLP ``Linear(c, 4c) - SiLU - Linear(4c, 4c)`` against
+  the official ``Linear(c, 4c) - Swish - Linear(4c, c)``, zero-initialised second ResBlock convolutions and output
+  convolution, skip/up/down-sampling arrangement) are not those of the SR3-style official U-Net. With
+  ``widths=(8, 16, 32, 32)`` and ``norm_groups=4`` the 3D diffusion network has 724,425 parameters against the
+  official 715,665 (+1.2 %).
+* **Deformation network.** diffreg's VM-1 (:func:`diffreg.models.voxelmorph.voxelmorph_unet`, MONAI
+  ``VoxelMorphUNet``: encoder 16, 32, 32, 32 with max-pooling before each down-sampling convolution, decoder
+  32, 32, 32, 32, 8, 8 with nearest-neighbour up-sampling). The official ``registUnetBlock`` has an input
+  convolution and four stride-2 convolution down blocks (encoder 16, 32, 32, 32, 32) and up-samples with transposed
+  convolutions. The convolutions match in number and width (the official decoder reduces to 8 channels one level
+  earlier); the difference is strided-convolution down-sampling and transposed-convolution up-sampling against
+  max-pooling and nearest up-sampling. The four transposed convolutions are the whole difference in size: 276,523
+  parameters in 3D against 361,299 (84,776 fewer), and the whole 3D model has 1,000,948 against 1,076,964 officially
+  (7 % fewer). The flow layer keeps VoxelMorph's N(0, 1e-5) initialisation (the official code initialises both
+  networks with its own normal / orthogonal schemes).
+* **Local NCC at the image border.** :func:`diffreg.losses.ncc_map` computes each window's statistics over the
+  voxels inside the image only; the official code (like MONAI's LNCC and VoxelMorph's ``NCC``) zero-pads. The
+  official code computes NCC on [0, 1] images, where the padding looks like background: in the interior both give
+  the same values, and ours stays invariant to affine intensity changes at the border too, with no artificial
+  border band for our images in [-1, 1].
+* **The 2D ``paper`` profile is not a paper experiment.** The paper's 2D experiment registers faces (RaFD,
+  ``lambda = 2``, lr 5e-6, 40 epochs); it has no 2D cardiac experiment. ``get_config("diffusemorph", "paper",
+  dims=2)`` combines the 3D network widths with those face hyper-parameters and applies them to 2D cardiac slices
+  (the official 2D face network is much wider: ``inner_channel 64``, deformation encoder 64 to 1024 channels). The
+  ``quick`` profile uses the cardiac ``lambda = 20`` in 2D instead (:mod:`diffreg.config`).
+* **Direction in ``quick``.** The paper (sec. 4.2, "end-diastolic images aligned with the end-systolic images") and
+  its code register ED to ES; the ``quick`` profile registers ES to ED, as FSDiffReg and DiffuseReg state it (the
+  ``paper`` profile keeps ED to ES).
 * Time conditioning: the integer timestep through MONAI's sinusoidal embedding (the official 3D code also passes
   the integer ``t``).
-* Synthesis clips the ``x0`` estimate to ``[-1, 1]`` by default (images are normalised to [-1, 1], sec. 4);
-  pass ``clip_x0=None`` to disable.
+* **Synthesis** (Alg. 2): :meth:`DiffuseMorph.synthesize` defaults to (and chapter 04 runs) 80 strided DDIM steps
+  (``eta=1``, DDPM variance) from ``T = 200``; eq. 13 is the step-by-step DDPM update (``sampler="ddpm"``, 200
+  steps). The ``x0`` estimate is clipped to ``[-1, 1]`` by
+  default (images are normalised to [-1, 1], sec. 4); pass ``clip_x0=None`` to disable.
 
 Shapes: ``moving``, ``fixed`` ``(B, 1, *spatial)`` with ``dims`` spatial axes, every size divisible by 16
 (the VM-1 backbone pools four times); fields ``(B, dims, *spatial)`` in voxels; scores ``(B, 1, *spatial)``.

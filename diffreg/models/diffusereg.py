@@ -71,7 +71,7 @@ through the attention only); the time embedding is added after the first conv/no
 the relative position bias of a window is tiled over the three token groups; images are z-scored (jointly, ``m`` and
 ``f``) before the network; the decoder uses instance normalisation.
 
-Deviations and choices (each also stated in chapter 06):
+Deviations and choices (each also in the box of chapter 06):
 
 * Teacher: a VoxelMorph (VM-2) trained by :meth:`prepare` instead of the paper's pre-trained VTN (ADDD).
 * Only the field tokens' queries are computed in the fused attention: the other groups' outputs are discarded by
@@ -81,7 +81,12 @@ Deviations and choices (each also stated in chapter 06):
 * The official code z-scores the image pair with one mean/std over the whole batch; we do it per pair, so a
   registration does not depend on the other pairs of its batch.
 * ``mask="paper"`` is our reading of l. 59 / Fig. 2d (locality by relative position, time token unmasked); the
-  official code uses ``mask="shifted"``.
+  official code uses ``mask="shifted"``. In the Table 2 ablation (chapter 06), row 3 "no conditional mask" is
+  trained with ``mask="none"``; one extra row, not in the paper, trains row 2 with the official ``mask="shifted"``.
+* **SSIM term** (``L_sim``, :func:`diffreg.losses.ssim_loss`: MONAI ``compute_ssim_and_cs``, Gaussian window 9,
+  sigma 1.5): the constants use the fixed image's intensity range as ``data_range`` and the windows are not padded
+  (the mean runs over the valid windows); the official ``SSIM3D(kernel_size=9)`` uses ``max_val = 1`` and reflect
+  padding.
 * The official denoiser cannot be built by its own model builder and has no DDIM; ours runs at every profile, batch
   size > 1, in 2D and 3D (2D windows default to 4 x 4). Spatial sizes must be divisible by 32 (patch 2 and four
   merges, as Swin-UNETR).
@@ -95,7 +100,9 @@ Deviations and choices (each also stated in chapter 06):
   learns almost nothing about predicting ``phi_0`` from the images at large ``t`` (with eq. 4 alone the quick model's
   samples reached Dice 0.72 from 0.71; with the weighting 0.84). The ``paper`` profile keeps eq. 3-4 as written
   (``"eps"``, ``"none"``). An alternative, ``consistency_weighting="abar"`` (the consistency terms weighted by
-  ``abar_t``), is available but not used.
+  ``abar_t``), is available but not used. ``quick`` also uses ``T = 200`` steps (betas 1e-5 ... 0.1, the paper's
+  end-point noise level ``abar_T ~ e^-10``), a denoiser of feature size 8 (about 0.8 M parameters instead of 411 M),
+  1000 training steps at lr 2e-3 and a teacher VoxelMorph of 1000 steps (:mod:`diffreg.config`).
 * Guidance (never released): one explicit gradient step on ``phi0_hat`` (in voxels) per sampling step, the noise
   estimate re-derived from the guided ``phi0_hat`` (like ``clip_x0`` in :mod:`diffreg.diffusion`); the paper
   names a "classifier-guided diffusion scheme" without details.

@@ -44,7 +44,7 @@ Method, top to bottom (paper sec. 2):
    their labels (few-shot segmentation), and pairs ``(moving, fixed, ddf)`` with ``fixed = warp(moving, ddf)``
    for supervised registration pre-training.
 
-Deviations and choices (documented here and in chapter 08):
+Deviations and choices (each also in the box of chapter 08; the downstream experiments' in that of chapter 09):
 
 * **Fresh random fields at every composition**, as eq. 2 and eq. 7 / 10 say (variances add, so the size grows like
   ``sqrt(n)``). The official code samples *one* DVF per training sample and composes it with itself ``n`` times
@@ -86,10 +86,28 @@ Deviations and choices (documented here and in chapter 08):
   clamp to the image extent is not used.
 * The paper trains with rotation / translation / flip / crop augmentation of the source images (l. 348-349);
   :meth:`DRDM.loss` does not augment (the phantom subjects already vary).
+* ``quick`` profile (:mod:`diffreg.config`): the shared-field sampler (above) with ``sigma = 2.5e-4`` (a mean
+  displacement of about 11 % of the image at ``T' = 70``, paper Table 1: 4.3 %); DRDM works at half the data size
+  (32 x 32 for 64 x 64 images; canvas 64, control grid 32, 16, 8) and its fields are resized to the data size
+  (the paper resizes generated fields to the downstream size, l. 351, but its experiments use one size); a narrower
+  recovery network (widths 8, 16, 32: 282,513 parameters in 2D); lr 1e-3 and 600 steps of 2 pairs.
 * **Not a pair registration model**: :meth:`DRDM.loss` trains on ``batch["moving"]`` and ``batch["fixed"]`` as two
   independent images, so ``python -m diffreg train --method drdm`` works on every pair dataset;
   :meth:`DRDM.forward` is the recovery network ``D_theta(I, t)`` (eq. 12), and :meth:`DRDM.register` raises
   ``NotImplementedError`` (use :meth:`DRDM.synthesize_pairs` to train a registration model, chapter 09).
+* **Alg. 4, line 9** writes the fixed image as ``<phi_syn o phi_syn>(I_0)``, a typo: :meth:`DRDM.synthesize_pairs`
+  warps ``I_0`` by ``phi_syn o phi_aug``.
+* **Downstream experiments** (chapter 09's code, not this module; listed in its box): 2D phantom slices instead of
+  ACDC (segmentation) and 3D lung CT (registration); few-shot segmentation with 3 labelled subjects (6 images) and
+  8 augmented copies per image (the paper: 5 to 100 subjects, 32 copies), a MONAI ``UNet`` (strided and transposed
+  convolutions, residual units, channels 16/32/64) instead of the paper's plain U-Net, batch 8, 250 steps at a
+  constant lr 1e-3 (the paper: batch 64, exponential decay), a "BigAug-lite" of MONAI transforms instead of
+  BigAug, and Dice only; synthetic pre-training of the ``quick`` VoxelMorph with eq. 20's two terms
+  (``lambda_4 = lambda_5 = 1``) computed as the mean squared error of the field (the paper's
+  ``E_x ||phi - phi~||_2`` is the mean norm, not squared) and VoxelMorph's L1 ``Grad`` (the mean of the absolute
+  forward differences, ``1 / dims^2`` of the paper's ``E_x ||grad phi~||_1``), batch 4 instead of 12, lr 1e-3
+  instead of 1e-4, 250 steps; a two-level bicubic random field scaled to the DRDM fields' mean size instead of
+  MRBS; fine-tuning with chapter 02's unsupervised VoxelMorph loss for 200 steps.
 
 Shapes: images ``(B, C, *spatial)`` with ``dims`` spatial axes, every size divisible by 8 (three stride-2 levels);
 fields ``(B, dims, *spatial)`` in voxels, pull convention ``warped(p) = image(p + ddf(p))``.

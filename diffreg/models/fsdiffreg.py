@@ -70,7 +70,7 @@ Facts taken from the official code where the paper is silent (documented choices
 * The last field is ``Conv(SiLU(GroupNorm(concat(F_R^N, S))))`` (3 groups when the channel count allows, as the
   official ``Block(9, 3, groups=3)``).
 
-Deviations (documented; also in chapter 05):
+Deviations (each also in the box of chapter 05):
 
 * Per-layer fields are enlarged with linear interpolation and their vectors rescaled to full-resolution voxels
   (:func:`~diffreg.spatial.resize_field`); the official code enlarges with nearest-neighbour interpolation without
@@ -81,6 +81,16 @@ Deviations (documented; also in chapter 05):
   - Linear(4c, c)``), zero-initialised second convolutions in the ResBlocks and the output convolution, and softmax
   (not linear) self-attention at the bottleneck. With these the 3D paper configuration has 1,331,487 parameters
   against the official 1,320,471 (+0.8 %).
+* **Local NCC at the image border** (the NCC map that SDG weights, eq. 4): :func:`diffreg.losses.ncc_map` computes
+  each window's statistics over the voxels inside the image only; the official ``crossCorrelation3D`` zero-pads. The
+  official code computes NCC on [0, 1] images, where the padding looks like background: in the interior both give
+  the same values, and ours stays invariant to affine intensity changes at the border too, with no artificial
+  border band for our images in [-1, 1].
+* ``fdg=False`` is our reading of "without FDG" (see the ablation switches above); the SDG weight is not detached,
+  as in the official code (the paper does not say; see above).
+* The loss weights are read from the configuration (the official code hard-codes 20 and 20).
+* ``quick`` profile (:mod:`diffreg.config`): 2D 64 x 64 phantom slices, half the paper's widths (4, 8, 16, 16),
+  lr 1e-3, 300 steps; the ``paper`` profile is the paper's 3D setting.
 
 Shapes: ``moving``, ``fixed`` ``(B, 1, *spatial)`` with ``dims`` spatial axes, every size divisible by
 ``2 ** (len(widths) - 1)``; fields ``(B, dims, *spatial)`` in voxels (pull convention); scores ``(B, 1, *spatial)``.

@@ -43,7 +43,7 @@ Method, top to bottom (paper sec. 3, Fig. 1):
 Ablation switches (Table 3): ``use_ldm_features=False`` (lower stream only), ``use_lgca=False`` (latent features
 concatenated to the global ones without cross-attention), ``beta=1`` (no ``L_lat``).
 
-Choices and deviations (documented; the paper is silent unless stated):
+Choices and deviations (each also in the box of chapter 07; the paper is silent unless stated):
 
 * **Autoencoder.** MONAI's VQ-VAE (strided convolutions, residual units, EMA codebook) stands in for the VQGAN of
   Esser et al.: widths 128/256/512 with two 2x down-samplings, two residual units per level, a 1-channel latent
@@ -76,6 +76,12 @@ Choices and deviations (documented; the paper is silent unless stated):
   eq. 13 and the official code weight each term once, as here. ``L_smooth`` is
   :func:`diffreg.losses.gradient_smoothness` on the voxel field (the official ``smoothloss`` computes the same
   mean of squared differences, with ``S / 2`` instead of ``(S - 1) / 2`` as the unit conversion).
+* **Checkpoint.** The paper keeps the checkpoint with the highest validation Dice (l. 198); ``diffreg.train`` keeps
+  the last one. Stage 1's training schedule is not in the paper: learning rates and batches from the official
+  configs, step counts ours (:mod:`diffreg.config`).
+* ``quick`` profile (:mod:`diffreg.config`): three levels instead of four (a 64 x 64 image has 2 x 2 tokens at a
+  fourth), embedding 16, a VQ-VAE with 8 and 16 channels, a latent U-Net with 8-16 channels, stage 1 in a few
+  hundred steps, and 150 registration steps at lr 1e-3 with batch 4 (the paper: lr 1e-4, batch 1).
 * 3D works the same way (trilinear up-sampling; the paper is 2D).
 
 Shapes: ``moving``, ``fixed`` ``(B, 1, *spatial)``, every size divisible by ``4 * 2**(levels - 1)`` (32 with four

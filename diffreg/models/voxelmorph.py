@@ -16,9 +16,18 @@ Method, top to bottom:
 3. Loss: ``L = -NCC_9(m o phi, f) + lambda * R(u)`` (Balakrishnan 2019, eq. 5 with the local CC of eq. 4; or
    MSE), where ``R`` is :func:`diffreg.losses.gradient_smoothness`: squared forward differences averaged over
    voxels, components and axes, as the official ``Grad('l2')`` computes the paper's ``sum ||grad u||^2``. For VoxelMorph-diff the smoothness acts on the velocity, as the official code does.
-   Deviation: Dalca et al. train a probabilistic model (mean and log-variance of ``v``, a KL loss); we keep the
-   deterministic velocity model of the voxelmorph library (``--int-steps 7``), which is what the diffusion papers
-   compare with.
+
+Deviations (each also in the box of chapter 02):
+
+* **VoxelMorph-diff is deterministic.** Dalca et al. train a probabilistic model (mean and log-variance of ``v``, a
+  KL loss); we keep the deterministic velocity model of the voxelmorph library (``--int-steps 7``), which is what
+  the diffusion papers compare with.
+* **Local NCC at the image border.** :func:`diffreg.losses.ncc_map` computes each window's statistics over the
+  voxels inside the image only; the official ``NCC`` (and MONAI's LNCC) zero-pads. The official code computes NCC on
+  [0, 1] images, where the padding looks like background: in the interior both give the same values, and ours stays
+  invariant to affine intensity changes at the border too, with no artificial border band for images in [-1, 1].
+  Flat windows are held at ``cc = 0`` by a floor relative to the image variance (the official code adds 1e-5 to
+  the product of the variances).
 """
 
 from __future__ import annotations
