@@ -49,7 +49,8 @@ from torch.utils.data import Dataset
 from diffreg.config import DataConfig, MethodConfig, get_config, methods
 from diffreg.evaluate import Table, compare, evaluate, read_csv
 
-__all__ = ["run_bench", "make_figures", "load_results", "bench_methods", "parse_options", "bench_data",
+__all__ = ["run_bench", "make_figures", "load_results", "bench_methods", "parse_options", "parse_budget", "bench_data",
+           "learning_curves", "curves_figure",
            "IntensityView", "SUMMARY_COLUMNS", "SKIPPED", "CLASSICAL", "REFERENCE"]
 
 #: the method every other is tested against (paired Wilcoxon signed-rank test of the per-case Dice)
@@ -258,8 +259,12 @@ def _stage_budget(cfg: MethodConfig) -> str:
 
 def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir: Path, steps: int | None,
                    device: str | torch.device | None, progress: bool, amp: bool = False,
-                   stage_steps: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Reuse the finished run in ``run_dir`` or train ``name`` there; returns the model and what was done."""
+                   stage_steps: int | None = None, max_seconds: float | None = None,
+                   curve: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Reuse the finished run in ``run_dir`` or train ``name`` there; returns the model and what was done.
+
+    ``max_seconds`` caps the training time (a wall-clock budget); ``curve`` (``{"every": steps, "pairs": n,
+    "options": register options}``) logs a validation Dice every ``every`` steps on the ``"val"`` split."""
     from diffreg.models import build
     from diffreg.train import fit, load_checkpoint, load_run, seed_everything, set_stage_steps, total_steps
 
@@ -317,14 +322,51 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
             return model, info
     if train_data is None or tuple(cfg.data.intensity) != tuple(stored_cfg.data.intensity):
         train_data = _open(spec, "train", data, profile, cfg.data.intensity)
+    validation = None
+    if curve is not None:
+        validation = _open(spec, "val", data, profile, cfg.data.intensity)
+        cfg.train.log_every = int(curve["every"])
     seed_everything(cfg.train.seed)
     model = build(cfg)
-    fit(model, train_data, cfg, out=run_dir, device=device, resume=True, progress=progress)
+    fit(model, train_data, cfg, out=run_dir, device=device, resume=True, progress=progress, validation=validation,
+        val_every=None if curve is None else int(curve["every"]),
+        val_pairs=4 if curve is None else int(curve["pairs"]),
+        val_options=None if curve is None else curve.get("options"), max_seconds=max_seconds)
     (run_dir / "data.json").write_text(json.dumps({"data": spec, "method": name}))
     step = int(load_checkpoint(run_dir / "checkpoint.pt")["step"])
     info.update(status="resumed" if stored_cfg is not None else "trained", config=cfg, steps=step,
                 seconds=_last_log_seconds(run_dir), notes=notes)
     return model.eval(), info
+
+
+def parse_budget(text: str | None) -> tuple[str, float] | None:
+    """``"steps=600"`` -> ``("steps", 600)``, ``"seconds=90"`` -> ``("seconds", 90.0)``; ``None`` -> ``None``.
+
+    ``steps=N`` gives every trained method **N training pairs** (N steps at batch 1, ``ceil(N / batch)`` steps at a
+    larger batch, so batch sizes are normalised); ``seconds=S`` gives every method S seconds of training on the
+    same device. Stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's autoencoder and latent
+    U-Net) are not part of the budget; the summary reports them separately.
+
+    Raises:
+        ValueError: another form, or a non-positive value.
+    """
+    if text is None:
+        return None
+    kind, eq, value = str(text).partition("=")
+    kind = kind.strip()
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not eq or kind not in ("steps", "seconds") or not number > 0 or (kind == "steps" and number != int(number)):
+        raise ValueError(f"--budget must be steps=N (training pairs per method, an integer) or seconds=S, got "
+                         f"{text!r}")
+    return kind, (int(number) if kind == "steps" else number)
+
+
+def _pairs_seen(info: dict[str, Any]) -> int | None:
+    cfg: MethodConfig | None = info.get("config")
+    return None if cfg is None else int(info["steps"]) * int(cfg.train.batch_size)
 
 
 def _budget(info: dict[str, Any]) -> str:
@@ -381,7 +423,8 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
               size: Sequence[int] | None = None, split: str = "test", example: int = 0, figures: bool = True,
               progress: bool = False, run_dirs: Mapping[str, str | Path] | None = None,
               direction: str | None = None, view: str | None = None, split_scheme: str | None = None,
-              amp: bool = False, stage_steps: int | None = None) -> dict[str, Any]:
+              amp: bool = False, stage_steps: int | None = None, budget: str | None = None,
+              curve_every: int | None = None, curve_pairs: int = 4) -> dict[str, Any]:
     """Train (or reuse) and evaluate every selected method on the same held-out pairs; write the results.
 
     Args:
@@ -412,12 +455,23 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         amp: train with mixed precision on CUDA (default float32, as the papers).
         stage_steps: steps of the stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's
             autoencoder and latent U-Net; default: the profile's).
+        budget: an equal budget for every trained method (:func:`parse_budget`): ``"steps=N"`` (N training pairs
+            each, batch sizes normalised) or ``"seconds=S"`` (S seconds of training each on ``device``; the step
+            count is estimated from a 3-step timing by :func:`diffreg.speed.measure_speed` so that each method's
+            learning-rate schedule completes, and the run is stopped at S seconds in any case). Overrides ``steps``.
+        curve_every: log a learning curve: every ``curve_every`` training pairs (rounded to whole steps) the first
+            ``curve_pairs`` pairs of the ``"val"`` split are registered (with the method's ``options``) and their
+            Dice logged (:func:`diffreg.train.fit` ``validation``); written to ``curves.csv`` and
+            ``learning_curves.png`` (:func:`learning_curves`, :func:`curves_figure`). Runs reused from an earlier
+            call contribute the curve their ``log.csv`` holds, if any.
+        curve_pairs: validation pairs of the learning curves.
 
     Returns:
         dict with ``"tables"`` (method -> per-case :class:`~diffreg.evaluate.Table`), ``"results"`` (all rows, the
         ``results.csv`` table), ``"summary"`` (the summary :class:`~diffreg.evaluate.Table`), ``"methods"`` (method
         -> training budget, inference options, notes), ``"skipped"`` (method -> reason), ``"examples"`` (the
-        qualitative pair and every method's field on it), ``"paths"`` (name -> written file) and ``"figures"``.
+        qualitative pair and every method's field on it), ``"paths"`` (name -> written file), ``"figures"`` and
+        ``"curves"`` (the ``curves.csv`` table; empty without learning curves).
 
     Raises:
         ValueError: unknown methods, options for methods not run, a run directory of another method or size.
@@ -435,6 +489,9 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
     stray = sorted(set(opts) - set(names))
     if stray:
         raise ValueError(f"--option given for {stray}, which are not benchmarked ({names})")
+    limits = parse_budget(budget)
+    if curve_every is not None and int(curve_every) < 1:
+        raise ValueError(f"curve_every must be >= 1 training pair, got {curve_every}")
     data_cfg = bench_data(profile, dims, size, direction=direction, view=view, split_scheme=split_scheme)
     runs, out = Path(runs), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -463,8 +520,23 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         else:
             run_dir = Path(run_dirs[name]) if run_dirs and name in run_dirs else runs / name
             n_steps = steps.get(name) if isinstance(steps, Mapping) else steps
+            batch = get_config(name, profile, data_cfg.dims).train.batch_size
+            max_seconds = None
+            if limits is not None and limits[0] == "steps":
+                n_steps = math.ceil(limits[1] / batch)
+            elif limits is not None:
+                from diffreg.speed import measure_speed
+
+                timing = measure_speed(name, profile, data_cfg.dims, steps=3, amp=amp, device=dev,
+                                       size=data_cfg.size, inference=False)
+                max_seconds = float(limits[1])
+                n_steps = max(1, int(max_seconds / float(timing["train_s_per_step"])))
+            curve = None
+            if curve_every is not None:
+                curve = {"every": max(1, math.ceil(int(curve_every) / batch)), "pairs": int(curve_pairs),
+                         "options": opts.get(name, {})}
             model, meta = _trained_model(name, profile, data_cfg, data, run_dir, n_steps, device, progress,
-                                         amp=amp, stage_steps=stage_steps)
+                                         amp=amp, stage_steps=stage_steps, max_seconds=max_seconds, curve=curve)
             eval_device = dev
             intensity = tuple(meta["config"].data.intensity)
         view = test if intensity is None or intensity == tuple(test.intensity) else IntensityView(test, intensity)
@@ -486,6 +558,9 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
 
     results = Table({"method": name, **row} for name, table in tables.items() for row in table)
     paths = {"results": results.to_csv(out / "results.csv")}
+    curves = learning_curves({name: meta for name, meta in info.items() if meta.get("config") is not None})
+    if len(curves):
+        paths["curves"] = curves.to_csv(out / "curves.csv")
     reference = REFERENCE if REFERENCE in tables else names[0]
     columns = _summary_columns(tables)
     summary = compare(tables, reference=reference, columns=columns)
@@ -501,15 +576,90 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         "labels": getattr(test, "labels", "acdc"), "intensity": tuple(test.intensity),
         "direction": getattr(test, "direction", None),
         "minutes": (time.time() - started) / 60,
+        "budget": _budget_text(limits, info),
     }
     paths["summary"] = out / "summary.md"
     paths["summary"].write_text(_summary_markdown(summary, info, skipped, context))
     figs: dict[str, Any] = {}
     if figures:
         figs = make_figures(tables, examples, out=out)
+        if len(curves):
+            figs["learning_curves"] = curves_figure(curves)
+            figs["learning_curves"].savefig(out / "learning_curves.png", dpi=110, bbox_inches="tight")
         paths.update({k: out / f"{k}.png" for k in figs})
     return {"tables": tables, "results": results, "summary": summary, "methods": info, "skipped": skipped,
-            "examples": examples, "paths": paths, "figures": figs, "context": context}
+            "examples": examples, "paths": paths, "figures": figs, "context": context, "curves": curves}
+
+
+def _budget_text(limits: tuple[str, float] | None, info: Mapping[str, dict[str, Any]]) -> str:
+    """The budget line of ``summary.md``: what was asked and whether the trained methods got the same."""
+    seen = {name: _pairs_seen(meta) for name, meta in info.items() if meta.get("config") is not None}
+    secs = {name: meta.get("seconds") for name, meta in info.items() if meta.get("config") is not None}
+    if limits is None:
+        equal = len(set(seen.values())) <= 1
+        return ("each method's own budget (its profile's steps, or `steps`); training pairs "
+                + ("equal" if equal else "NOT equal") + ": " + ", ".join(f"{m} {p:,}" for m, p in seen.items()))
+    if limits[0] == "steps":
+        equal = len(set(seen.values())) <= 1
+        return (f"equal budget of {limits[1]:,} training pairs per method (batch sizes normalised); pairs seen "
+                + ("equal" if equal else "NOT equal (reused runs or batch sizes that do not divide it)") + ": "
+                + ", ".join(f"{m} {p:,}" for m, p in seen.items()))
+    return (f"equal budget of {limits[1]:g} s of training per method on this device; seconds used: "
+            + ", ".join(f"{m} {s:.0f}" if isinstance(s, float) else f"{m} ?" for m, s in secs.items())
+            + "; pairs seen: " + ", ".join(f"{m} {p:,}" for m, p in seen.items()))
+
+
+def learning_curves(info: Mapping[str, Mapping[str, Any]]) -> Table:
+    """The validation rows of each method's ``log.csv``: one row per (method, step) with ``pairs_seen`` (steps x
+    batch), ``seconds`` (training time), ``val_dice`` and ``val_folding_percent``.
+
+    Args:
+        info: method -> ``{"run": run directory, "config": MethodConfig}`` (:func:`run_bench`'s ``"methods"``).
+
+    Returns:
+        A :class:`~diffreg.evaluate.Table` (empty when no run logged a validation).
+    """
+    rows = Table()
+    for name, meta in info.items():
+        log = Path(meta["run"]) / "log.csv"
+        if not log.is_file():
+            continue
+        batch = int(meta["config"].train.batch_size)
+        for r in read_csv(log):
+            v = r.get("val_dice")
+            if isinstance(v, float) and not math.isnan(v):
+                rows.append({"method": name, "step": int(r["step"]), "pairs_seen": int(r["step"]) * batch,
+                             "seconds": float(r["seconds"]), "val_dice": v,
+                             "val_folding_percent": float(r.get("val_folding_percent", math.nan))})
+    return rows
+
+
+def curves_figure(curves: Sequence[Mapping[str, Any]]):
+    """Validation Dice against training pairs seen and against training seconds, every method in one figure.
+
+    Args:
+        curves: rows of :func:`learning_curves` (or ``curves.csv`` read back with :func:`diffreg.evaluate.read_csv`).
+
+    Returns:
+        A matplotlib ``Figure`` with two panels.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = list(dict.fromkeys(r["method"] for r in curves))
+    for k, name in enumerate(names):
+        rows = sorted((r for r in curves if r["method"] == name), key=lambda r: r["step"])
+        for ax, key in zip(axes, ("pairs_seen", "seconds")):
+            ax.plot([r[key] for r in rows], [r["val_dice"] for r in rows], "o-", ms=3, color=f"C{k}", label=name)
+    axes[0].set_xlabel("training pairs seen")
+    axes[1].set_xlabel("training seconds (this device)")
+    for ax in axes:
+        ax.set_ylabel("validation Dice")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Learning curves on held-out validation pairs")
+    fig.tight_layout()
+    return fig
 
 
 def _direction_text(direction: str | None) -> str:
@@ -541,6 +691,8 @@ def _summary_markdown(summary: Table, info: Mapping[str, dict[str, Any]], skippe
         f"{context['dims']}D {' x '.join(str(s) for s in context['size'])}, profile `{context['profile']}`"
         f"{_direction_text(context.get('direction'))}; "
         f"device {context['device']}; {context['date']} ({context['minutes']:.1f} min).",
+        "",
+        f"Training budget: {context['budget']}.",
         "",
         "## Results (mean ± std over pairs)",
         "",

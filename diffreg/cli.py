@@ -376,7 +376,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         dims=args.dims, limit=args.limit, device=device, options=args.option, steps=args.steps,
                         size=args.size, split=args.split, progress=True, direction=args.direction,
                         view=args.view, split_scheme=args.split_scheme, amp=args.amp,
-                        stage_steps=args.stage_steps)
+                        stage_steps=args.stage_steps, budget=args.budget, curve_every=args.curve_every,
+                        curve_pairs=args.curve_pairs)
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -490,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--dims", type=int, choices=[2, 3], default=None)
     be.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out pairs")
     be.add_argument("--steps", type=int, default=None, help="training steps of every method (default: profile's)")
+    be.add_argument("--budget", default=None, metavar="steps=N|seconds=S",
+                    help="equal budget for every method: steps=N (N training pairs each, batch sizes normalised) "
+                         "or seconds=S (S seconds of training each on the device); overrides --steps")
+    be.add_argument("--curve-every", type=int, default=None, metavar="PAIRS",
+                    help="learning curves: validation Dice every PAIRS training pairs (curves.csv, "
+                         "learning_curves.png)")
+    be.add_argument("--curve-pairs", type=int, default=4, help="validation pairs of the learning curves")
     be.add_argument("--size", type=int, nargs="+", default=None, help="override the spatial size of the data")
     be.add_argument("--split", default="test", choices=["test", "val"])
     be.add_argument("--stage-steps", type=int, default=None,

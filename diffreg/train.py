@@ -314,6 +314,11 @@ def fit(
     resume: bool = True,
     progress: bool = True,
     max_steps: int | None = None,
+    validation: Dataset | None = None,
+    val_every: int | None = None,
+    val_pairs: int = 4,
+    val_options: dict[str, Any] | None = None,
+    max_seconds: float | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` on ``data`` and return the log rows (``step``, ``lr``, ``seconds`` and every loss term).
 
@@ -329,6 +334,17 @@ def fit(
         progress: show a tqdm bar (rank 0 only).
         max_steps: stop after this global step (the schedule still assumes the configured total; used to
             interrupt a run, e.g. to test resuming).
+        validation: held-out pairs for a learning curve: every ``val_every`` steps (and at the last step) the
+            first ``val_pairs`` of them are registered (no gradients, :func:`diffreg.evaluate.evaluate` with
+            ``val_options`` as sampler options) and the row of that step gets ``val_dice`` (the dataset's aggregate
+            Dice) and ``val_folding_percent``; the other rows carry NaN there. The validation does not touch the
+            training's random streams (a run with and without it trains identically) and its time is not counted
+            in ``seconds``. Explained in chapter 10.
+        val_every: steps between validations (default ``log_every``); must be a multiple of ``log_every``.
+        val_pairs: number of validation pairs (a fixed subset: the first ones).
+        val_options: ``register`` options of the validation (e.g. ``{"steps": 20}`` for DiffuseReg).
+        max_seconds: stop once this many seconds of training (``seconds``, validation excluded) have passed;
+            the step reached is checkpointed and logged (a wall-clock budget, see :func:`diffreg.bench.run_bench`).
 
     Returns:
         The log rows written during this call (every ``log_every`` steps and the last step).
@@ -355,6 +371,14 @@ def fit(
 
     total = total_steps(tcfg, len(data), world)
     stop = min(total, max_steps) if max_steps is not None else total
+    if validation is not None:
+        val_every = int(val_every or tcfg.log_every)
+        if val_every < 1 or val_every % tcfg.log_every:
+            raise ValueError(f"val_every must be a positive multiple of log_every={tcfg.log_every}, got {val_every}")
+        if int(val_pairs) < 1 or len(validation) == 0:
+            raise ValueError(f"validation needs at least one pair (val_pairs={val_pairs}, {len(validation)} given)")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
 
     out_dir = Path(out) if out is not None else None
     cfg_dict = config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(tcfg)}
@@ -421,10 +445,6 @@ def fit(
             with open(log_path, newline="") as fh:
                 kept = [r for r in csv.DictReader(fh) if float(r["step"]) <= start]
         log_file = open(log_path, "w", newline="")
-        if kept:
-            writer = csv.DictWriter(log_file, fieldnames=list(kept[0]))
-            writer.writeheader()
-            writer.writerows(kept)
     precision = f"{tcfg.amp_dtype} autocast" if use_amp else "float32"
     bar = tqdm(total=total, initial=start, disable=not progress or rank != 0,
                desc=f"{type(model).__name__} on {device}, {precision}",
@@ -456,31 +476,71 @@ def fit(
                 running[k] = running.get(k, 0.0) + float(v.detach())
             n_running += 1
             bar.update(1)
-            if step % tcfg.log_every == 0 or step == total:
+            out_of_time = max_seconds is not None and _agree(time.perf_counter() - t0 >= max_seconds, device,
+                                                                distributed)
+            if step % tcfg.log_every == 0 or step == total or out_of_time:
                 row = {"step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
                 row.update({k: v / n_running for k, v in running.items()})
                 if device.type == "cuda":
                     row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                if validation is not None:
+                    row["val_dice"] = row["val_folding_percent"] = math.nan
+                    if rank == 0 and (step % val_every == 0 or step == total or out_of_time):
+                        v0 = time.perf_counter()
+                        row.update(_validate(model, validation, val_pairs, val_options, device))
+                        model.train()
+                        t0 += time.perf_counter() - v0  # validation time is not training time
                 running, n_running = {}, 0
                 rows.append(row)
                 bar.set_postfix(loss=f"{row['total']:.4f}")
                 if log_file is not None:
-                    if writer is None:
-                        writer = csv.DictWriter(log_file, fieldnames=list(row))
-                        if log_file.tell() == 0:
-                            writer.writeheader()
+                    if writer is None:  # the columns of the kept rows, then any new ones (e.g. validation)
+                        fields = list(kept[0]) if kept else []
+                        writer = csv.DictWriter(log_file, fieldnames=fields + [k for k in row if k not in fields])
+                        writer.writeheader()
+                        writer.writerows(kept)
                     writer.writerow(row)
                     log_file.flush()
-            if out_dir is not None and (step % tcfg.checkpoint_every == 0 or step == stop):
+            if out_dir is not None and (step % tcfg.checkpoint_every == 0 or step == stop or out_of_time):
                 log_state = {"running": dict(running), "n_running": n_running, "seconds": time.perf_counter() - t0}
                 _checkpoint(out_dir, model, optimizer, scheduler, scaler, step, cfg_dict, distributed, rank, world,
                             log_state)
+            if out_of_time:
+                break
     finally:
         bar.close()
         if log_file is not None:
+            if writer is None and kept:  # resumed at the end: no new row, keep the old ones
+                writer = csv.DictWriter(log_file, fieldnames=list(kept[0]))
+                writer.writeheader()
+                writer.writerows(kept)
             log_file.close()
     model.eval()
     return rows
+
+
+def _agree(flag: bool, device: torch.device, distributed: bool) -> bool:
+    """``flag`` of any process (all processes stop at the same step under DDP)."""
+    if not distributed:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _validate(model: nn.Module, validation: Dataset, pairs: int, options: dict[str, Any] | None,
+              device: torch.device) -> dict[str, float]:
+    """``val_dice`` and ``val_folding_percent`` (means over the first ``pairs`` of ``validation``), leaving the
+    random streams of the training as they were."""
+    from diffreg.evaluate import evaluate
+
+    state = _rng_state()
+    try:
+        with torch.no_grad():
+            table = evaluate(model, validation, device=device, limit=int(pairs), **(options or {}))
+    finally:
+        _set_rng_state(state)
+    return {"val_dice": table.mean("dice"), "val_folding_percent": table.mean("folding_percent")}
 
 
 def _checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, scaler, step: int, cfg_dict: dict[str, Any],

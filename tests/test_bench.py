@@ -167,3 +167,40 @@ def test_bench_clear_errors(tmp_path, capsys):
     assert "fsdiffreg" in capsys.readouterr().err
     assert main(["bench", "--methods", "drdm", *base]) == 2
     assert "skipped" in capsys.readouterr().err
+
+
+def test_equal_budget_in_pairs_and_learning_curves(tmp_path):
+    """--budget steps=N: a batch-1 and a batch-4 method see the same number of training pairs; --curve-every writes
+    curves.csv and learning_curves.png with the validation Dice of both."""
+    from diffreg.bench import parse_budget, run_bench
+
+    res = run_bench(["voxelmorph", "ldm-morph"], profile="quick", data="phantom", runs=tmp_path / "runs",
+                    out=tmp_path / "out", limit=1, device="cpu", budget="steps=8", curve_every=4, curve_pairs=1,
+                    stage_steps=1)
+    info = res["methods"]
+    batches = {m: info[m]["config"].train.batch_size for m in info}
+    assert batches["voxelmorph"] == 1 and batches["ldm-morph"] > 1
+    seen = {m: info[m]["steps"] * batches[m] for m in info}
+    assert seen == {"voxelmorph": 8, "ldm-morph": 8}
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "equal budget of 8 training pairs per method" in summary and "pairs seen equal" in summary
+    curves = res["curves"]
+    assert {r["method"] for r in curves} == {"voxelmorph", "ldm-morph"}
+    for m in ("voxelmorph", "ldm-morph"):
+        assert [r["pairs_seen"] for r in curves if r["method"] == m] == [4, 8]
+    assert all(0 <= r["val_dice"] <= 1 for r in curves)
+    assert (tmp_path / "out" / "curves.csv").is_file() and (tmp_path / "out" / "learning_curves.png").is_file()
+    assert parse_budget("seconds=2.5") == ("seconds", 2.5)
+    for bad in ("steps=0", "steps=2.5", "pairs=10", "seconds", "seconds=-1"):
+        with pytest.raises(ValueError, match="--budget"):
+            parse_budget(bad)
+
+
+def test_equal_budget_in_seconds(tmp_path):
+    from diffreg.bench import run_bench
+
+    res = run_bench(["voxelmorph"], profile="quick", data="phantom", runs=tmp_path / "runs", out=tmp_path / "out",
+                    limit=1, device="cpu", budget="seconds=1", figures=False)
+    info = res["methods"]["voxelmorph"]
+    assert 1.0 <= info["seconds"] < 20
+    assert "equal budget of 1 s of training per method" in (tmp_path / "out" / "summary.md").read_text()

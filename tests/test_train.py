@@ -173,3 +173,38 @@ def test_prepare_runs_before_training_and_frozen_parameters_stay(tmp_path):
     assert model.prepared == [tmp_path / "run"]
     assert model.offset.item() == pytest.approx(expected)     # frozen by prepare: not moved by the optimizer
     assert model.scale.item() != 1.0                           # the rest trains
+
+
+def test_validation_curve_is_logged_and_does_not_change_training(tmp_path, device):
+    """fit(validation=...) logs val_dice / val_folding_percent every val_every steps (NaN in between) and trains
+    exactly as without it (the validation leaves the random streams alone)."""
+    from diffreg.evaluate import read_csv
+
+    data, held_out = ShiftedBlobs(6), ShiftedBlobs(3, seed=7)
+    plain = _model()
+    fit(plain, data, _cfg(), out=tmp_path / "plain", device=device, progress=False)
+    curved = _model()
+    rows = fit(curved, data, _cfg(), out=tmp_path / "curve", device=device, progress=False, validation=held_out,
+               val_every=6, val_pairs=2)
+    for a, b in zip(plain.state_dict().values(), curved.state_dict().values()):
+        assert torch.equal(a, b) if device.type == "cpu" else torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    measured = [r["step"] for r in rows if r["val_dice"] == r["val_dice"]]
+    assert measured == [6, 12]
+    assert all(0.0 <= r["val_dice"] <= 1.0 for r in rows if r["step"] in measured)
+    assert [r["step"] for r in rows if r["val_dice"] != r["val_dice"]] == [3, 9]  # NaN: not validated
+    logged = read_csv(tmp_path / "curve" / "log.csv")
+    assert [r["step"] for r in logged] == [3, 6, 9, 12] and "val_folding_percent" in logged[0]
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        fit(_model(), data, _cfg(), validation=held_out, val_every=4, progress=False)
+
+
+def test_time_budget_stops_and_checkpoints(tmp_path):
+    """max_seconds stops the run at the step where the training time is spent, logs and checkpoints that step."""
+    data = ShiftedBlobs(6)
+    cfg = _cfg(steps=100_000)
+    rows = fit(_model(), data, cfg, out=tmp_path / "t", device="cpu", progress=False, max_seconds=0.5)
+    last = rows[-1]
+    assert 0.5 <= last["seconds"] < 30 and last["step"] < 100_000
+    assert load_checkpoint(tmp_path / "t" / "checkpoint.pt")["step"] == last["step"]
+    with pytest.raises(ValueError, match="max_seconds"):
+        fit(_model(), data, cfg, progress=False, max_seconds=0)
