@@ -599,6 +599,10 @@ DOM_PROBE = r"""
               width: Math.round(math.width), box: Math.round(box.width),
               cut: math.left < box.left - 1 || math.right > box.right + 1};
     }).filter((m) => m.cut) : [],
+    // code blocks whose lines run past the right edge of the column (cut off or hidden behind a scroll bar)
+    cutCode: content ? Array.from(content.querySelectorAll('div.cell_input pre, div.cell_output pre'))
+      .filter((el) => shown(el) && el.scrollWidth > el.clientWidth + 2)
+      .map((el) => ({text: el.textContent.slice(0, 60), width: el.scrollWidth, box: el.clientWidth})) : [],
     // figures in cell outputs shown narrower than 400 CSS pixels (their axis labels and titles are then unreadable)
     narrow: content ? Array.from(content.querySelectorAll('.cell_output img'))
       .filter((img) => !img.closest('div.animation') && shown(img) && img.naturalWidth > 0)
@@ -685,6 +689,9 @@ def check_in_browser(browser: Chromium, page: str | Path, root: str | Path | Non
         for m in dom.get("wideMath", []):
             add("layout", f"display equation {m['tex']!r} is {m['width']} px wide in a {m['box']} px column "
                           "(cut off)", target=f"math:{m['tex']}")
+        for k, code in enumerate(dom.get("cutCode", [])):
+            add("layout", f"code block {code['width']} px wide in a {code['box']} px column (lines cut off): "
+                          f"{_short(code['text'], 60)!r}", target=f"code#{k}")
         for img in dom.get("narrow", []):
             add("layout", f"figure shown {img['width']} px wide (natural {img['natural']} px), under the 400 px at "
                           f"which its text is readable: {_short(img['src'], 60)}", target=f"narrow:{img['src']}")

@@ -55,6 +55,7 @@ BROKEN = {
 BROKEN_LAYOUT = {
     "wide_equation.html": "layout",
     "narrow_figure.html": "layout",
+    "cut_code.html": "layout",
 }
 
 
