@@ -41,6 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # version of the code from being picked up; set DIFFREG_RUNS to keep runs between sessions.
     # OpenMP threads that spin while waiting make PyTorch many times slower on a machine shared with other jobs.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Chapter kernels run headless here: diffreg.widgets.in_live_kernel() is False, so chapters show their static
+    # players (which the rendered book needs) and skip the live widgets.
+    os.environ.setdefault("DIFFREG_STATIC", "1")
     # The unit tests use small tensors: one thread is faster than two and leaves the other core to a chapter kernel.
     import torch
 

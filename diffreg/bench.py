@@ -318,6 +318,10 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
                 notes.append(f"the reused run is a {cfg.profile!r} run")
             if steps is not None and step != steps:
                 notes.append(f"the reused run was trained for {step:,} steps ({steps:,} asked)")
+            logged = read_csv(run_dir / "log.csv") if (run_dir / "log.csv").is_file() else []
+            if curve is not None and not any(isinstance(r.get("val_dice"), float) and r["val_dice"] == r["val_dice"]
+                                             for r in logged):
+                notes.append("the reused run logged no learning curve (train it in a new --runs folder for one)")
             info["notes"] = notes
             return model, info
     if train_data is None or tuple(cfg.data.intensity) != tuple(stored_cfg.data.intensity):

@@ -20,14 +20,37 @@ __all__ = ["in_live_kernel", "field_viewer", "sequence_viewer"]
 VIEWS = ("warped", "difference", "grid", "flow", "jacobian")
 
 
-def in_live_kernel() -> bool:
-    """True inside a running Jupyter (ipykernel) kernel, where a frontend may display widgets.
+#: programs that execute notebooks without a reader: a kernel started by one of them has no frontend to show widgets
+HEADLESS_RUNNERS = ("jupyter-book", "jb ", "sphinx-build", "pytest", "nbval", "nbclient", "nbconvert", "papermill")
 
-    A heuristic: the current IPython shell is a ``ZMQInteractiveShell`` with a kernel attached. Plain Python, a
-    terminal IPython and pytest return False. A kernel cannot tell whether a frontend is attached, so notebooks
-    executed headless (nbval, ``jupyter-book build``) also return True; that is why the book's chapters call the
-    static players explicitly and this function is only a convenience for readers.
+
+def _parent_command() -> str:
+    """The command line of the process that started this kernel (empty where it cannot be read)."""
+    import os
+
+    try:
+        import psutil  # a dependency of ipykernel
+
+        parent = psutil.Process(os.getppid())
+        return " ".join([*parent.cmdline(), *(parent.parent().cmdline() if parent.parent() else [])])
+    except Exception:  # noqa: BLE001 - no psutil, no permission, a process that ended: assume a reader
+        return ""
+
+
+def in_live_kernel() -> bool:
+    """True inside a Jupyter (ipykernel) kernel that a reader drives, where a frontend can display widgets.
+
+    False in plain Python, a terminal IPython and pytest, and also in a kernel executed headless: under nbval and
+    ``jupyter-book build`` (the environment variable ``DIFFREG_STATIC=1``, which the book's test collection sets,
+    or a parent process whose command line names one of :data:`HEADLESS_RUNNERS`). Chapters show a live widget
+    only when this is true and the static player of the same views otherwise, so the rendered book never carries
+    an empty widget box. ``DIFFREG_STATIC=0`` forces a live kernel.
     """
+    import os
+
+    flag = os.environ.get("DIFFREG_STATIC")
+    if flag in ("0", "1"):
+        return flag == "0"
     try:
         from IPython import get_ipython
     except ImportError:  # pragma: no cover - IPython is a dependency of the book
@@ -35,7 +58,10 @@ def in_live_kernel() -> bool:
     ip = get_ipython()
     if ip is None:
         return False
-    return type(ip).__name__ == "ZMQInteractiveShell" and getattr(ip, "kernel", None) is not None
+    if not (type(ip).__name__ == "ZMQInteractiveShell" and getattr(ip, "kernel", None) is not None):
+        return False
+    parent = _parent_command().lower()
+    return not any(runner in parent for runner in HEADLESS_RUNNERS)
 
 
 def _as_batched(moving: Any, ddf: Any):

@@ -52,3 +52,25 @@ def test_sequence_viewer_and_kernel_detection():
     assert "<script" in widgets.sequence_viewer(frames, static=True).data
     assert widgets.in_live_kernel() is False
     plt.close("all")
+
+
+def test_live_kernel_is_false_when_executed_headless(monkeypatch):
+    """A kernel run by nbval / jupyter-book (DIFFREG_STATIC=1, or a headless parent process) is not live; a kernel
+    started by a Jupyter frontend is."""
+    import IPython
+
+    class ZMQInteractiveShell:  # the name ipykernel's shell has
+        kernel = object()
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: ZMQInteractiveShell())
+    monkeypatch.delenv("DIFFREG_STATIC", raising=False)
+    monkeypatch.setattr(widgets, "_parent_command", lambda: "/usr/bin/python3 /venv/bin/jupyter-lab --no-browser")
+    assert widgets.in_live_kernel() is True
+    for runner in ("/venv/bin/python /venv/bin/jupyter-book build .", "python -m pytest notebooks/04.md"):
+        monkeypatch.setattr(widgets, "_parent_command", lambda runner=runner: runner)
+        assert widgets.in_live_kernel() is False
+    monkeypatch.setenv("DIFFREG_STATIC", "1")
+    monkeypatch.setattr(widgets, "_parent_command", lambda: "jupyter-lab")
+    assert widgets.in_live_kernel() is False
+    monkeypatch.setenv("DIFFREG_STATIC", "0")
+    assert widgets.in_live_kernel() is True
