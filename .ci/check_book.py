@@ -528,9 +528,13 @@ class Chromium:
             self._drain(settle)  # players start from a setTimeout(0); theme scripts run on load
             dom = self.evaluate(DOM_PROBE, session, await_promise=True) if loaded else None
             self._drain(0.1)
-            if screenshot is not None and loaded:
+            if screenshot is not None and loaded:  # the whole page (up to 20,000 px), as a reader scrolls it
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
-                shot = self.call("Page.captureScreenshot", {"format": "png"}, session)
+                size = self.call("Page.getLayoutMetrics", session=session).get("cssContentSize", {})
+                height = int(min(max(size.get("height", self.height), 1), 20000))
+                shot = self.call("Page.captureScreenshot", {
+                    "format": "png", "captureBeyondViewport": True,
+                    "clip": {"x": 0, "y": 0, "width": self.width, "height": height, "scale": 1}}, session)
                 screenshot.write_bytes(base64.b64decode(shot["data"]))
         finally:
             events = [e for e in self._events if e.get("sessionId") == session]
