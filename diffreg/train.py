@@ -121,18 +121,19 @@ def _check_same_run(out: Path, ckpt: dict[str, Any], config: dict[str, Any]) -> 
     if not isinstance(stored, dict):
         return
     old, new = _normalised(stored), _normalised(config)
-    differ = [k for k in _RUN_IDENTITY if k in old and k in new and old[k] != new[k]]
-    if not differ:
-        return
     details: list[str] = []
-    for k in differ:
+    for k in _RUN_IDENTITY:
+        if k not in old or k not in new or old[k] == new[k]:
+            continue
         if isinstance(old[k], dict) and isinstance(new[k], dict):
-            keys = sorted(set(old[k]) | set(new[k]))
-            changed = [f"{k}.{j}: {old[k].get(j)!r} -> {new[k].get(j)!r}" for j in keys
-                       if old[k].get(j) != new[k].get(j)]
+            # settings both versions know (one added by a newer diffreg is not a different run)
+            changed = [f"{k}.{j}: {old[k][j]!r} -> {new[k][j]!r}" for j in sorted(set(old[k]) & set(new[k]))
+                       if old[k][j] != new[k][j]]
             details += changed[:4] + ([f"... ({len(changed) - 4} more)"] if len(changed) > 4 else [])
         else:
             details.append(f"{k}: {old[k]!r} -> {new[k]!r}")
+    if not details:
+        return
     raise ValueError(
         f"{out} holds a {_describe(old)} run at step {int(ckpt.get('step', 0))}, which this training cannot "
         f"resume ({'; '.join(details)}). Start fresh in a new folder (--out NEW_FOLDER --no-resume, or "

@@ -208,3 +208,21 @@ def test_time_budget_stops_and_checkpoints(tmp_path):
     assert load_checkpoint(tmp_path / "t" / "checkpoint.pt")["step"] == last["step"]
     with pytest.raises(ValueError, match="max_seconds"):
         fit(_model(), data, cfg, progress=False, max_seconds=0)
+
+
+def test_check_run_dir_compares_method_profile_model_and_data(tmp_path):
+    from diffreg.train import check_run_dir
+
+    cfg = _cfg(2)
+    fit(_model(), ShiftedBlobs(2), cfg, out=tmp_path, progress=False)
+    same = cfg.to_dict()
+    same["train"]["steps"] = 50                       # a longer budget resumes the same run
+    same["model"]["added_by_a_newer_version"] = 1     # a setting the stored run does not know is not a difference
+    check_run_dir(tmp_path, same)
+    other = cfg.to_dict()
+    other["data"]["size"] = [32, 32]
+    with pytest.raises(ValueError, match=r"holds a voxelmorph \(quick profile, 2D \(64, 64\)\) run at step 2.*"
+                                         r"data.size: \[64, 64\] -> \[32, 32\].*--no-resume"):
+        check_run_dir(tmp_path, other)
+    with pytest.raises(ValueError, match="is an existing file"):
+        check_run_dir(tmp_path / "checkpoint.pt")
