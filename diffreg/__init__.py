@@ -9,3 +9,13 @@ Conventions (see ``book/notation.md``): images are ``(B, C, *spatial)``, displac
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``diffreg.register_files`` (:func:`diffreg.apply.register_files`), imported on first use so that ``import
+    diffreg`` stays light."""
+    if name == "register_files":
+        from diffreg.apply import register_files
+
+        return register_files
+    raise AttributeError(f"module 'diffreg' has no attribute {name!r}")
