@@ -12,10 +12,10 @@ environment variables, comments dropped) and each one is run, made small:
   ``--patients 3``, two CPU processes for ``torchrun`` (gloo);
 * everything else stays as written, so a wrong flag, method name, choice or path fails the test.
 
-A command that reads a run (``--run R``) or a data folder that is not one of the phantoms above first gets it from
-the documented command that writes it (``train`` or ``phantom --out R``, same document first), run once per
-session. A command added to the documents is tested without touching this
-file. ``python -m diffreg`` commands run in this process (through :func:`diffreg.cli.main`, which is what
+A command that reads a run (``--run R``), a data folder that is not one of the phantoms above, or image files
+(``register --moving``, ``--fixed``, ... inside such a folder) first gets it from the documented command that writes
+it (``train`` or ``phantom --out R``, same document first), run once per session. A command added to the documents
+is tested without touching this file. ``python -m diffreg`` commands run in this process (through :func:`diffreg.cli.main`, which is what
 ``python -m diffreg`` calls); ``torchrun`` commands in two subprocesses.
 """
 
@@ -241,16 +241,25 @@ class Workspace:
 
 
 def _inputs(cmd: DocCommand) -> list[str]:
-    """Paths ``cmd`` reads, as documented: ``--run`` folders and the folders of ``--data scheme:PATH``."""
+    """Paths ``cmd`` reads, as documented: ``--run`` folders, the folders of ``--data scheme:PATH`` and the image
+    files of ``register``."""
     data = [v.partition(":")[2] for v in _values(cmd.argv, "--data") or [] if v.partition(":")[0] in _SCHEMES[:3]]
-    return (_values(cmd.argv, "--run") or []) + data
+    files = [v for flag in ("--moving", "--fixed", "--moving-label", "--fixed-label", "--pairs")
+             for v in _values(cmd.argv, flag) or []]
+    return (_values(cmd.argv, "--run") or []) + data + files
+
+
+def _writes(c: DocCommand, path: str) -> bool:
+    """``c`` writes ``path``: its ``--out`` is ``path`` or a folder above it."""
+    out = (_values(c.argv, "--out") or [None])[0]
+    return out is not None and (path == out or path.startswith(out.rstrip("/") + "/"))
 
 
 def _producer(path: str, cmd: DocCommand) -> DocCommand | None:
     """The documented ``train`` or ``phantom`` command that writes ``path`` (``--out``; same document first)."""
     candidates = [c for c in COMMANDS if c.argv[:1] in (["train"], ["phantom"]) and c.torchrun is None
-                  and (_values(c.argv, "--out") or [None])[0] == path and c is not cmd]
-    candidates.sort(key=lambda c: (c.doc != cmd.doc, c.doc, c.line))
+                  and _writes(c, path) and c is not cmd]
+    candidates.sort(key=lambda c: ((_values(c.argv, "--out") or [None])[0] != path, c.doc != cmd.doc, c.doc, c.line))
     return candidates[0] if candidates else None
 
 
@@ -298,9 +307,10 @@ def _prepare(cmd: DocCommand, ws: Workspace, phantoms: Path, workdirs: dict, tmp
             _prepare(producer, pws, phantoms, workdirs, tmp_path, monkeypatch, capfd)
             _run(producer, pws, monkeypatch, capfd)
             workdirs[key] = pws
-        target = ws.local(path)
+        out = (_values(producer.argv, "--out") or [path])[0]  # the whole folder it writes
+        target = ws.local(out)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(workdirs[key].local(path), target, symlinks=True)
+        shutil.copytree(workdirs[key].local(out), target, symlinks=True)
 
 
 def test_the_documents_show_enough_commands():
