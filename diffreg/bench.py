@@ -639,7 +639,8 @@ def learning_curves(info: Mapping[str, Mapping[str, Any]]) -> Table:
 
 
 def curves_figure(curves: Sequence[Mapping[str, Any]]):
-    """Validation Dice against training pairs seen and against training seconds, every method in one figure.
+    """Validation Dice against training pairs seen and against training seconds, every method in one figure
+    (:func:`diffreg.viz.learning_curves_figure`).
 
     Args:
         curves: rows of :func:`learning_curves` (or ``curves.csv`` read back with :func:`diffreg.evaluate.read_csv`).
@@ -647,23 +648,9 @@ def curves_figure(curves: Sequence[Mapping[str, Any]]):
     Returns:
         A matplotlib ``Figure`` with two panels.
     """
-    import matplotlib.pyplot as plt
+    from diffreg import viz
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    names = list(dict.fromkeys(r["method"] for r in curves))
-    for k, name in enumerate(names):
-        rows = sorted((r for r in curves if r["method"] == name), key=lambda r: r["step"])
-        for ax, key in zip(axes, ("pairs_seen", "seconds")):
-            ax.plot([r[key] for r in rows], [r["val_dice"] for r in rows], "o-", ms=3, color=f"C{k}", label=name)
-    axes[0].set_xlabel("training pairs seen")
-    axes[1].set_xlabel("training seconds (this device)")
-    for ax in axes:
-        ax.set_ylabel("validation Dice")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Learning curves on held-out validation pairs")
-    fig.tight_layout()
-    return fig
+    return viz.learning_curves_figure(curves)
 
 
 def _direction_text(direction: str | None) -> str:

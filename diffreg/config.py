@@ -366,13 +366,13 @@ def _diffusereg_profile(profile: str, dims: int | None) -> MethodConfig:
             sampler="ddim",  # 20 DDIM steps by default; the chapter also runs DDPM over all T
             sample_steps=20,
             teacher_steps=1000 if dims == 2 else 300,  # chapter 02's quick VoxelMorph, shorter
-            # the network predicts v and eps_hat is derived from it (eq. 3-4 unchanged): with direct eps prediction a
-            # training of minutes leaves eps_hat poor near t = T, where eq. 3 amplifies it ~180x, and sampling from
-            # pure noise diverges (see DiffuseReg)
-            parameterization="v",
-            # eq. 4 weighted by 1 / abar_t (the v-prediction loss): eq. 4 weights the error of phi0_hat by the SNR, so
-            # a short training gets almost no signal to predict phi_0 from the images at large t (see DiffuseReg)
-            diffusion_weighting="v",
+            # the network predicts the field phi_0 itself and eps_hat is derived from it (eq. 3-4 unchanged), and eq. 4
+            # is weighted by (1 - abar_t) / abar_t (the MSE of phi0_hat): with direct eps prediction a training of
+            # minutes leaves eps_hat poor near t = T, where eq. 3 amplifies it ~180x, and sampling from pure noise
+            # diverges; with v-prediction the samples fold more with every sampler step (7 % at DDIM 20); with x0 they
+            # do not (see DiffuseReg, chapter 06 and benchmarks/diffusereg_diagnosis)
+            parameterization="x0",
+            diffusion_weighting="x0",
             teacher_lr=1e-3,
         )
         return MethodConfig(

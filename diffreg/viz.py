@@ -41,7 +41,7 @@ __all__ = [
     "set_style", "COLORS", "LABEL_NAMES", "LABEL_COLORS", "label_colors", "label_cmap", "to_numpy", "image2d",
     "field2d", "jacobian_map", "show_pair", "overlay_labels", "plot_grid", "flow_rgb", "plot_flow", "plot_quiver",
     "plot_jacobian", "registration_figure", "small_multiples", "player", "player_html", "player_animation",
-    "training_curve", "boxplot_table", "METHOD_COLORS", "boxplot_methods", "methods_figure",
+    "training_curve", "boxplot_table", "METHOD_COLORS", "boxplot_methods", "methods_figure", "learning_curves_figure",
 ]
 
 #: book colours: one per cardiac structure (the same structure has the same colour in ACDC and CAMUS; Okabe-Ito,
@@ -884,5 +884,35 @@ def methods_figure(moving: Any, fixed: Any, fields: Mapping[str, Any], moving_la
         axes[i, 2].set_title("deformation grid")
         note = (notes or {}).get(name)
         axes[i, 0].set_ylabel(f"{name}\n{note}" if note else name)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves_figure(curves: Sequence[Mapping[str, Any]]) -> Figure:
+    """Learning curves of several methods: validation Dice against training pairs seen (left) and against training
+    seconds (right), one colour per method.
+
+    Explained in chapter 10.
+
+    Args:
+        curves: rows with ``method``, ``step``, ``pairs_seen``, ``seconds`` and ``val_dice``
+            (:func:`diffreg.bench.learning_curves`, or a ``curves.csv`` read back).
+
+    Returns:
+        The figure.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = list(dict.fromkeys(r["method"] for r in curves))
+    for k, name in enumerate(names):
+        rows = sorted((r for r in curves if r["method"] == name), key=lambda r: r["step"])
+        for ax, key in zip(axes, ("pairs_seen", "seconds")):
+            ax.plot([r[key] for r in rows], [r["val_dice"] for r in rows], "o-", ms=3, color=f"C{k}", label=name)
+    axes[0].set_xlabel("training pairs seen")
+    axes[1].set_xlabel("training seconds (this device)")
+    for ax in axes:
+        ax.set_ylabel("validation Dice")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Learning curves on held-out validation pairs")
     fig.tight_layout()
     return fig

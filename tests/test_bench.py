@@ -202,5 +202,6 @@ def test_equal_budget_in_seconds(tmp_path):
     res = run_bench(["voxelmorph"], profile="quick", data="phantom", runs=tmp_path / "runs", out=tmp_path / "out",
                     limit=1, device="cpu", budget="seconds=1", figures=False)
     info = res["methods"]["voxelmorph"]
-    assert 1.0 <= info["seconds"] < 20
+    # the steps are estimated from a timing so that the schedule completes in about 1 s; the run stops at 1 s anyway
+    assert info["steps"] >= 1 and 0 < info["seconds"] < 1.0 + 5.0
     assert "equal budget of 1 s of training per method" in (tmp_path / "out" / "summary.md").read_text()

@@ -90,15 +90,19 @@ Deviations and choices (each also in the box of chapter 06):
 * The official denoiser cannot be built by its own model builder and has no DDIM; ours runs at every profile, batch
   size > 1, in 2D and 3D (2D windows default to 4 x 4). Spatial sizes must be divisible by 32 (patch 2 and four
   merges, as Swin-UNETR).
-* ``parameterization="v"`` (``quick`` profile only): the network outputs ``v`` (Salimans & Ho 2022) and
-  ``eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) phi_t``; eq. 3-4 are computed as in the paper. With the paper's
-  direct noise prediction, a short CPU training leaves ``eps_hat`` inaccurate near ``t = T``, where eq. 3 amplifies
-  its error by ``1 / sqrt(abar_t)`` (~180): ``L_reg`` of those estimates was ~3000 against ``L_diffuse`` ~ 0.4, and
-  the samples from pure noise diverged (mean displacement 20-40 voxels, Dice 0.1) although ``phi0_hat`` from
-  ``t <= 100`` registered well. With ``diffusion_weighting="v"`` (also ``quick`` only) eq. 4 is weighted by
-  ``1 / abar_t`` (the v-prediction loss): eq. 4 weights the error of ``phi0_hat`` by the SNR, so a short training
-  learns almost nothing about predicting ``phi_0`` from the images at large ``t`` (with eq. 4 alone the quick model's
-  samples reached Dice 0.72 from 0.71; with the weighting 0.84). The ``paper`` profile keeps eq. 3-4 as written
+* ``parameterization="x0"`` with ``diffusion_weighting="x0"`` (``quick`` profile only): the network outputs the
+  field estimate ``phi0_hat`` itself and ``eps_hat = (phi_t - sqrt(abar_t) phi0_hat) / sqrt(1 - abar_t)``; eq. 3
+  then returns the network's output, and eq. 4 is weighted by ``(1 - abar_t) / abar_t``, i.e. the loss is the mean
+  squared error of ``phi0_hat`` against the teacher field. Why (chapter 06, "Why the samples fold", and
+  ``benchmarks/diffusereg_diagnosis``): with the paper's direct noise prediction a short CPU training leaves
+  ``eps_hat`` inaccurate near ``t = T``, where eq. 3 amplifies its error by ``1 / sqrt(abar_t)`` (~180), and the
+  samples from pure noise diverged (mean displacement 20-40 voxels, Dice 0.1; measured during development,
+  2026-11). Predicting ``v`` instead (``parameterization="v"``, ``diffusion_weighting="v"``, the former ``quick``
+  setting) fixes the divergence but not the roughness: near ``t = 0`` the final field is ``phi_t`` minus a small
+  correction, so the noise the sampler leaves at intermediate steps stays in it, and the samples fold more with
+  every sampler step (7 % of the pixels at DDIM 20, 10 % with all 200 steps). With ``x0`` the final field is the
+  network's own estimate, which is as smooth as the teacher's fields it was trained on (folding about 0.01 %, not
+  growing with the steps). The ``paper`` profile keeps eq. 3-4 as written
   (``"eps"``, ``"none"``). An alternative, ``consistency_weighting="abar"`` (the consistency terms weighted by
   ``abar_t``), is available but not used. ``quick`` also uses ``T = 200`` steps (betas 1e-5 ... 0.1, the paper's
   end-point noise level ``abar_T ~ e^-10``), a denoiser of feature size 8 (about 0.8 M parameters instead of 411 M),
@@ -130,7 +134,7 @@ from diffreg.spatial import warp
 __all__ = [
     "DiffuseReg", "DiffuseRegDenoiser", "ConditionalWindowAttention", "FusionSwinBlock", "ImageEncoder",
     "TimeResBlock", "conditional_attention_mask", "FieldState", "Guidance", "bending_energy", "smoothness_guidance",
-    "region_guidance", "MASKS",
+    "region_guidance", "MASKS", "denoiser_error_per_timestep",
 ]
 
 #: the conditional attention masks (see :func:`conditional_attention_mask`)
@@ -744,13 +748,15 @@ class DiffuseReg(RegistrationModel):
             ``"abar"`` (each pair's ``L_sim`` and ``L_reg`` weighted by ``abar_t``, so the nearly pure-noise
             estimates at large ``t``, whose errors eq. 3 amplifies by ``1 / sqrt(abar_t)`` (~180 at ``t = T``), do
             not dominate; a deviation, not used by the profiles).
-        parameterization: what the network outputs: ``"eps"`` (the paper: ``D`` predicts the noise) or ``"v"``
+        parameterization: what the network outputs: ``"eps"`` (the paper: ``D`` predicts the noise), ``"v"``
             (it predicts ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) phi_0`` and ``eps_hat = sqrt(abar_t) v_hat +
-            sqrt(1 - abar_t) phi_t``; eq. 3-4 are unchanged, only the network's output is re-expressed, so errors
-            are no longer amplified by ``1 / sqrt(abar_t)`` near ``t = T``; used by the ``quick`` profile).
-        diffusion_weighting: ``"none"`` (eq. 4 as written) or ``"v"``: eq. 4 weighted per pair by ``1 / abar_t``,
-            i.e. the v-prediction loss ``mean (v_hat - v)^2``, which keeps a learning signal for ``phi0_hat`` at
-            large ``t`` where eq. 4 weights its error by the vanishing SNR (``quick`` profile).
+            sqrt(1 - abar_t) phi_t``) or ``"x0"`` (it predicts ``phi_0`` and ``eps_hat = (phi_t - sqrt(abar_t)
+            phi0_hat) / sqrt(1 - abar_t)``; the ``quick`` profile); eq. 3-4 are unchanged, only the network's
+            output is re-expressed.
+        diffusion_weighting: ``"none"`` (eq. 4 as written), ``"v"`` (eq. 4 weighted per pair by ``1 / abar_t``,
+            i.e. ``mean (v_hat - v)^2``) or ``"x0"`` (weighted by ``(1 - abar_t) / abar_t``, i.e. the mean squared
+            error of ``phi0_hat``; the ``quick`` profile): the weightings keep a learning signal for ``phi0_hat``
+            at large ``t``, where eq. 4 weights its error by the vanishing SNR.
         timesteps, beta_start, beta_end: the linear schedule (2000, 1e-6, 1e-2; l. 79).
         sampler: default sampler of :meth:`register` (``"ddpm"`` or ``"ddim"``).
         sample_steps: default DDIM steps (``None``: all ``T``).
@@ -795,10 +801,10 @@ class DiffuseReg(RegistrationModel):
             raise ValueError(f"dims must be 2 or 3, got {dims}")
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        if diffusion_weighting not in ("none", "v"):
-            raise ValueError(f"diffusion_weighting must be 'none' or 'v', got {diffusion_weighting!r}")
-        if parameterization not in ("eps", "v"):
-            raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+        if diffusion_weighting not in ("none", "v", "x0"):
+            raise ValueError(f"diffusion_weighting must be 'none', 'v' or 'x0', got {diffusion_weighting!r}")
+        if parameterization not in ("eps", "v", "x0"):
+            raise ValueError(f"parameterization must be 'eps', 'v' or 'x0', got {parameterization!r}")
         if consistency_weighting not in ("none", "abar"):
             raise ValueError(f"consistency_weighting must be 'none' or 'abar', got {consistency_weighting!r}")
         from diffreg.models.voxelmorph import VoxelMorph
@@ -948,12 +954,14 @@ class DiffuseReg(RegistrationModel):
 
     def predict_eps(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         """``eps_hat = D(phi_t | f, m, t)`` (normalised field space) with ``cond = denoiser.encode(moving, fixed)``;
-        for ``parameterization="v"`` the network's ``v_hat`` is turned into ``eps_hat``."""
+        for ``parameterization="v"`` / ``"x0"`` the network's ``v_hat`` / ``phi0_hat`` is turned into ``eps_hat``."""
         out = self.denoiser(x_t, t, cond=cond).float()
         if self.parameterization == "eps":
             return out
         a = self.schedule.alphas_cumprod.to(x_t.device)[t.to(x_t.device).long()].float()
         a = a.view(-1, *([1] * (x_t.ndim - 1)))
+        if self.parameterization == "x0":  # out = phi0_hat: eps_hat = (phi_t - sqrt(abar) phi0_hat) / sqrt(1 - abar)
+            return (x_t.float() - a.sqrt() * out) / (1 - a).clamp_min(1e-12).sqrt()
         return a.sqrt() * out + (1 - a).sqrt() * x_t.float()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -984,9 +992,12 @@ class DiffuseReg(RegistrationModel):
         eps_hat = self.predict_eps(x_t, t, self.denoiser.encode(moving, fixed))
         if self.diffusion_weighting == "none":
             diffuse = torch.mean((eps_hat - noise) ** 2)  # eq. 4
-        else:  # eq. 4 / abar_t = mean (v_hat - v)^2 (deviation, see the class docstring)
+        else:
             a = self.schedule.alphas_cumprod.to(dev)[t].float().view(-1, *([1] * (noise.ndim - 1)))
-            diffuse = torch.mean((eps_hat - noise) ** 2 / a)
+            if self.diffusion_weighting == "v":  # eq. 4 / abar_t = mean (v_hat - v)^2 (deviation, class docstring)
+                diffuse = torch.mean((eps_hat - noise) ** 2 / a)
+            else:  # eq. 4 (1 - abar_t) / abar_t = mean (phi0_hat - phi0)^2 (deviation, class docstring)
+                diffuse = torch.mean((eps_hat - noise) ** 2 * (1 - a) / a)
         phi0_hat = self.denormalize(self.schedule.predict_x0(x_t, t, eps_hat))  # eq. 3
         warped = warp(moving, phi0_hat)
         if self.consistency_weighting == "none":
@@ -1132,3 +1143,70 @@ class DiffuseReg(RegistrationModel):
     def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
         """The registration field with the default sampler, ``(B, dims, *spatial)`` in voxels."""
         return self.register(moving, fixed).ddf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diagnosis: how well the denoiser does at each noise level
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def denoiser_error_per_timestep(model: DiffuseReg, moving: Tensor, fixed: Tensor,
+                                timesteps: Sequence[int] | None = None, seed: int = 0) -> list[dict[str, float]]:
+    """The denoiser's error at each noise level on given pairs, against the truth the training uses (eq. 3-4).
+
+    For each ``t``: ``phi_0`` = the teacher's field (normalised), ``phi_t = q_sample(phi_0, t, eps)`` with fresh
+    noise (seeded, the same ``eps`` for every ``t``), the model's ``eps_hat`` and ``phi0_hat`` (eq. 3). Reported:
+
+    * ``eps_mse``: ``mean (eps_hat - eps)^2`` (eq. 4, the training loss; 1 for a predictor of zeros);
+    * ``v_mse``: ``mean (v_hat - v)^2 = eps_mse / abar_t`` (the v-prediction loss);
+    * ``x0_rmse``: RMS of ``phi0_hat - phi_0`` in **voxels** (after undoing the normalisation): how far the
+      estimate of the final field is from the teacher at that noise level;
+    * ``x0_rmse_trivial``: the same for the estimate ``phi_t / sqrt(abar_t)`` (``eps_hat = 0``), which only rescales
+      the noisy field: a denoiser is useful at ``t`` when ``x0_rmse`` is below it;
+    * ``x0_hf``: the high-frequency energy of ``phi0_hat`` (mean squared forward difference, voxels^2, the
+      :func:`diffreg.losses.gradient_smoothness` of the field) beside ``teacher_hf`` (the teacher's): roughness the
+      estimate adds is what folds after sampling.
+
+    Explained in chapter 06 ("Why the samples fold").
+
+    Args:
+        model: a :class:`DiffuseReg` with a trained (or given) teacher.
+        moving, fixed: ``(B, 1, *spatial)`` pairs.
+        timesteps: the ``t`` values (default: 20 values spread over ``0 ... T - 1``).
+        seed: seeds the noise.
+
+    Returns:
+        One dict per ``t`` with ``t``, ``abar`` and the columns above (means over the batch).
+
+    Raises:
+        ValueError: bad inputs or a timestep outside ``[0, T - 1]``.
+    """
+    model._check(moving, fixed)
+    T = model.schedule.num_timesteps
+    ts = list(timesteps) if timesteps is not None else sorted({int(round(x)) for x in torch.linspace(0, T - 1, 20)})
+    if any(int(t) != t or not 0 <= t < T for t in ts):
+        raise ValueError(f"timesteps must be integers in [0, {T - 1}], got {ts}")
+    teacher = model.teacher_field(moving, fixed)
+    x0 = model.normalize(teacher)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    cond = model.denoiser.encode(moving, fixed)
+    std = model._stat(model.field_std, x0)
+    rows = []
+    for t in ts:
+        tb = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
+        x_t = model.schedule.q_sample(x0, tb, noise)
+        eps_hat = model.predict_eps(x_t, tb, cond)
+        abar = float(model.schedule.alphas_cumprod[int(t)])
+        x0_hat = model.schedule.predict_x0(x_t, tb, eps_hat)
+        trivial = x_t / math.sqrt(abar)
+        phi0_hat = model.denormalize(x0_hat)
+        eps_mse = float(((eps_hat - noise) ** 2).mean())
+        rows.append({
+            "t": int(t), "abar": abar, "eps_mse": eps_mse, "v_mse": eps_mse / abar,
+            "x0_rmse": float((((x0_hat - x0) * std) ** 2).mean().sqrt()),
+            "x0_rmse_trivial": float((((trivial - x0) * std) ** 2).mean().sqrt()),
+            "x0_hf": float(losses.gradient_smoothness(phi0_hat)),
+            "teacher_hf": float(losses.gradient_smoothness(teacher)),
+        })
+    return rows

@@ -359,7 +359,28 @@ def test_v_parameterization_oracle_returns_phi0(sampler, steps):
     res = model.register(*_pair(2, (32, 32), b=2), sampler=sampler, steps=steps)
     assert torch.allclose(res.ddf, phi0, atol=1e-3)
     with pytest.raises(ValueError):
-        DiffuseReg(dims=2, parameterization="x0", **SMALL)
+        DiffuseReg(dims=2, parameterization="score", **SMALL)
+
+
+class OracleX0(Oracle):
+    """The oracle in the x0-parameterization: the network outputs phi_0 (normalised) itself."""
+
+    def forward(self, x, t, moving=None, fixed=None, cond=None):
+        return self.x0.to(x.dtype).expand_as(x)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 6)])
+def test_x0_parameterization_oracle_returns_phi0(sampler, steps):
+    model, phi0 = _with_oracle(b=2)
+    model.parameterization = "x0"
+    model.denoiser = OracleX0(model.schedule, model.denoiser.x0)
+    res = model.register(*_pair(2, (32, 32), b=2), sampler=sampler, steps=steps)
+    assert torch.allclose(res.ddf, phi0, atol=1e-3)
+    # the derived noise estimate is the true one: eps_hat = (phi_t - sqrt(abar) phi_0) / sqrt(1 - abar)
+    x0 = model.denoiser.x0
+    noise, t = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 30])
+    x_t = model.schedule.q_sample(x0, t, noise)
+    assert torch.allclose(model.predict_eps(x_t, t, None), noise, atol=1e-3)
 
 
 def test_v_weighting_is_eq4_over_abar():
@@ -374,3 +395,55 @@ def test_v_weighting_is_eq4_over_abar():
     w = 1 / model.schedule.alphas_cumprod[t].float()
     assert torch.allclose(model.loss(batch, t=t, noise=noise)["diffuse"], (w[0] * single[0] + w[1] * single[1]) / 2,
                           rtol=1e-4)
+    # "x0": eq. 4 times (1 - abar) / abar = the mean squared error of phi0_hat (normalised)
+    model.diffusion_weighting = "x0"
+    a = model.schedule.alphas_cumprod[t].float()
+    w = (1 - a) / a
+    assert torch.allclose(model.loss(batch, t=t, noise=noise)["diffuse"], (w[0] * single[0] + w[1] * single[1]) / 2,
+                          rtol=1e-4)
+    with pytest.raises(ValueError):
+        DiffuseReg(dims=2, diffusion_weighting="snr", **SMALL)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Diagnosis: the denoiser's error per timestep
+# ------------------------------------------------------------------------------------------------------------
+
+class _Fixed(nn.Module):
+    """A teacher (or a denoiser output) that returns a given tensor."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def encode(self, moving, fixed):
+        return None
+
+    def forward(self, *args, **kwargs):
+        return self.value
+
+
+def test_denoiser_error_per_timestep_against_analytic_answers():
+    from diffreg.models.diffusereg import denoiser_error_per_timestep
+
+    model, phi0 = _with_oracle(b=2)
+    model.teacher = _Fixed(phi0)
+    m, f = _pair(2, (32, 32), b=2)
+    ts = [0, 10, 25, 49]
+    rows = denoiser_error_per_timestep(model, m, f, timesteps=ts)
+    assert [r["t"] for r in rows] == ts
+    for r in rows:  # the oracle knows phi_0: no error at any noise level
+        assert r["eps_mse"] < 1e-8 and r["x0_rmse"] < 1e-4
+        assert r["x0_hf"] == pytest.approx(r["teacher_hf"], rel=1e-4)
+    trivial = [r["x0_rmse_trivial"] for r in rows]
+    assert trivial == sorted(trivial) and trivial[0] < 0.1 < trivial[-1]  # rescaling the noisy field: worse with t
+    # a predictor of zeros: eps_mse = E[eps^2] ~ 1 and its phi0_hat is exactly the trivial estimate
+    model.denoiser = _Fixed(torch.zeros(2, 2, 32, 32))
+    zero = denoiser_error_per_timestep(model, m, f, timesteps=ts, seed=3)
+    for r in zero:
+        assert r["eps_mse"] == pytest.approx(1.0, abs=0.1)
+        assert r["x0_rmse"] == pytest.approx(r["x0_rmse_trivial"], rel=1e-5)
+        # x0_hat - x0 = sqrt((1 - abar) / abar) eps, in voxels (std 1 and 2 per axis): RMS sqrt(2.5 (1 - abar) / abar)
+        assert r["x0_rmse"] == pytest.approx(math.sqrt(2.5 * (1 - r["abar"]) / r["abar"]), rel=0.1)
+    with pytest.raises(ValueError, match="timesteps"):
+        denoiser_error_per_timestep(model, m, f, timesteps=[50])

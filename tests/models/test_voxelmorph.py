@@ -84,7 +84,9 @@ def test_voxelmorph_learns_translations_on_held_out_pairs():
     train, test = ShiftedBlobs(16, seed=0), ShiftedBlobs(6, seed=1)
     model = VoxelMorph(dims=2, smooth_weight=0.1)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for step in range(150):
+    # 250 steps: with the padding-free NCC the flat tails of the blobs (windows whose variance is under the
+    # relative floor of diffreg.losses.NCC_EPS) give no signal, so it takes longer than with zero padding (150)
+    for step in range(250):
         b = train[step % len(train)]
         loss = model.loss({"moving": b["moving"][None], "fixed": b["fixed"][None]})["total"]
         opt.zero_grad()
