@@ -116,8 +116,9 @@ def open_configured(spec: str, split: str, data: Any, profile: str | None, **kwa
         spec: a ``DIFFREG_DATA`` string; ``"phantom"`` means the configuration's phantom kind (``sax``, ``sax3d`` or
             ``echo``).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
-        data: a :class:`diffreg.config.DataConfig`: ``dims``, ``size``, ``direction`` (``None``: the dataset's
-            default), for phantoms ``phantom`` and ``n_subjects``, for CAMUS ``view``, for ACDC ``split_scheme``.
+        data: a :class:`diffreg.config.DataConfig`: ``dims``, ``size``, ``intensity``, ``direction`` (``None``: the
+            dataset's default), for phantoms ``phantom`` and ``n_subjects``, for CAMUS ``view``, for ACDC
+            ``split_scheme``.
         profile: the profile whose preprocessing is used (``"quick"`` or ``"paper"``).
         **kwargs: passed on (e.g. ``intensity``); they override the configuration's values.
 
@@ -131,6 +132,8 @@ def open_configured(spec: str, split: str, data: Any, profile: str | None, **kwa
         kwargs.setdefault("n_subjects", data.n_subjects)
     if getattr(data, "direction", None) is not None:
         kwargs.setdefault("direction", data.direction)
+    if getattr(data, "intensity", None) is not None:  # e.g. LDM-Morph's [0, 1]
+        kwargs.setdefault("intensity", tuple(data.intensity))
     if scheme == "camus":
         kwargs.setdefault("view", getattr(data, "view", "2CH"))
     if scheme in ("acdc", "acdc-h5"):
