@@ -1183,7 +1183,7 @@ def denoiser_error_per_timestep(model: DiffuseReg, moving: Tensor, fixed: Tensor
     """
     model._check(moving, fixed)
     T = model.schedule.num_timesteps
-    ts = list(timesteps) if timesteps is not None else sorted({int(round(x)) for x in torch.linspace(0, T - 1, 20)})
+    ts = list(timesteps) if timesteps is not None else sorted({int(round(float(x))) for x in torch.linspace(0, T - 1, 20)})
     if any(int(t) != t or not 0 <= t < T for t in ts):
         raise ValueError(f"timesteps must be integers in [0, {T - 1}], got {ts}")
     teacher = model.teacher_field(moving, fixed)

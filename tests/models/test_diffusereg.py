@@ -447,3 +447,5 @@ def test_denoiser_error_per_timestep_against_analytic_answers():
         assert r["x0_rmse"] == pytest.approx(math.sqrt(2.5 * (1 - r["abar"]) / r["abar"]), rel=0.1)
     with pytest.raises(ValueError, match="timesteps"):
         denoiser_error_per_timestep(model, m, f, timesteps=[50])
+    default = [r["t"] for r in denoiser_error_per_timestep(model, m, f)]  # 20 levels spread over 0 ... T - 1
+    assert default[0] == 0 and default[-1] == 49 and len(default) == 20
