@@ -182,6 +182,11 @@ def shrink(argv: list[str]) -> list[str]:
         argv = _set(argv, "--stage-steps", "2")
     if sub == "speed" and _values(argv, "--sampler-steps"):
         argv = _set(argv, "--sampler-steps", *[str(min(int(v), 5)) for v in _values(argv, "--sampler-steps")])
+    if sub == "bench" and "--budget" in argv:  # an equal budget: 2 training pairs each
+        argv = _set(argv, "--budget", "steps=2")
+    if sub == "bench" and "--curve-every" in argv:
+        argv = _set(argv, "--curve-every", "1")
+        argv = _set(argv, "--curve-pairs", "1")
     if sub in ("evaluate", "bench"):
         argv = _set(argv, "--limit", "2")
     if sub == "synthesize":
