@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["identity_grid", "warp", "compose", "integrate", "resize_field", "float32"]
+__all__ = ["identity_grid", "warp", "compose", "integrate", "resize_field", "random_smooth_field", "float32"]
 
 
 def float32(fn):
@@ -260,3 +260,41 @@ def resize_field(ddf: Tensor, size: Sequence[int]) -> Tensor:
     out = F.interpolate(ddf, size=size, mode=mode, align_corners=False)
     scale = torch.tensor([n / o for n, o in zip(size, old)], device=ddf.device, dtype=ddf.dtype)
     return out * scale.view(1, ndim, *([1] * ndim))
+
+
+def random_smooth_field(batch: int, size: Sequence[int], grids: Sequence[int] = (6,), scale: float = 1.0,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """A random smooth displacement field: Gaussian noise on coarse grids, upsampled and summed.
+
+    For the ``k``-th entry ``g`` of ``grids`` (0-based), noise ``N(0, (scale / (k + 1))^2)`` is drawn on a
+    ``g**ndim`` grid per channel and interpolated to ``size`` (bicubic in 2D, trilinear in 3D, corners aligned);
+    the fields of all grids are added. One grid gives a field whose smoothness is set by ``g``; several grids give
+    a multi-resolution field like the random B-spline deformations of MRBS (chapter 09's baseline).
+
+    Explained in chapters 01 and 09.
+
+    Args:
+        batch: number of fields.
+        size: spatial size ``(H, W)`` or ``(D, H, W)``.
+        grids: coarse grid sizes (points per axis, >= 2), coarse to fine.
+        scale: standard deviation of the first grid's noise, in voxels.
+        generator: random generator (the same state gives the same field).
+
+    Returns:
+        ``(batch, ndim, *size)`` float32 field in voxels.
+
+    Raises:
+        ValueError: a size that is not 2D or 3D, or a grid below 2 points.
+    """
+    size = tuple(int(s) for s in size)
+    ndim = len(size)
+    if ndim not in (2, 3):
+        raise ValueError(f"size must be 2D or 3D, got {size}")
+    if not grids or any(int(g) < 2 for g in grids):
+        raise ValueError(f"every grid needs at least 2 points per axis, got {tuple(grids)}")
+    mode = "bicubic" if ndim == 2 else "trilinear"
+    field = torch.zeros(batch, ndim, *size)
+    for k, g in enumerate(grids):
+        coarse = torch.randn(batch, ndim, *(int(g),) * ndim, generator=generator) * (scale / (k + 1))
+        field = field + F.interpolate(coarse, size=size, mode=mode, align_corners=True)
+    return field

@@ -247,3 +247,46 @@ def test_bad_fields():
         folding_percent(torch.zeros(1, 2, 1, 8))
     with pytest.raises(ValueError):
         metrics.jacobian_std([1, 2, 3])
+
+
+def test_warped_dice_equals_the_report_and_psnr_nmse_analytic():
+    import math
+
+    from diffreg.metrics import nmse, psnr, registration_report, warped_dice
+    from diffreg.spatial import random_smooth_field
+
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    lab = torch.zeros(2, 1, 32, 32, dtype=torch.long)
+    lab[:, 0][:, ((yy - 16) ** 2 + (xx - 16) ** 2) < 64] = 3
+    lab[:, 0][:, (((yy - 16) ** 2 + (xx - 16) ** 2) >= 64) & (((yy - 16) ** 2 + (xx - 16) ** 2) < 120)] = 2
+    lab[:, 0][:, (yy < 8) & (xx > 20)] = 1
+    ddf = random_smooth_field(2, (32, 32), grids=(4,), scale=2.0, generator=g)
+    fixed = lab.roll(1, dims=-1)
+    light = warped_dice(ddf, lab, fixed)
+    full = registration_report(ddf, lab, fixed)
+    assert torch.allclose(light["overall"].double(), full["dice"].double())
+    assert torch.allclose(light["lv"].double(), full["dice_lv"].double())
+    # psnr / nmse against hand computations
+    a, b = torch.zeros(4, 4), torch.full((4, 4), 0.1)
+    assert math.isclose(float(psnr(a, b)), 20.0, rel_tol=1e-6)       # 10 log10(1 / 0.01) (0.1 in float32)
+    assert math.isclose(float(psnr(a, b, data_range=2.0)), 20.0 + 10 * math.log10(4), rel_tol=1e-6)
+    assert math.isclose(float(nmse(a, b)), 1.0) and float(nmse(b, b)) == 0.0
+    with pytest.raises(ValueError):
+        psnr(a, b[:2])
+
+
+def test_random_smooth_field_shapes_scale_and_reproducibility():
+    from diffreg.spatial import random_smooth_field
+
+    f1 = random_smooth_field(3, (24, 32), grids=(5, 9), scale=2.0, generator=torch.Generator().manual_seed(1))
+    f2 = random_smooth_field(3, (24, 32), grids=(5, 9), scale=2.0, generator=torch.Generator().manual_seed(1))
+    assert f1.shape == (3, 2, 24, 32) and torch.equal(f1, f2)
+    big = random_smooth_field(64, (16, 16), grids=(6,), scale=2.0, generator=torch.Generator().manual_seed(2))
+    # corners are grid nodes: their values are the coarse noise itself, SD = scale
+    assert abs(float(big[..., 0, 0].std()) - 2.0) < 0.3
+    assert random_smooth_field(1, (8, 8, 8), grids=(3,)).shape == (1, 3, 8, 8, 8)
+    with pytest.raises(ValueError):
+        random_smooth_field(1, (8,), grids=(3,))
+    with pytest.raises(ValueError):
+        random_smooth_field(1, (8, 8), grids=(1,))
