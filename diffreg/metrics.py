@@ -487,7 +487,7 @@ def warped_dice(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: ArrayLike,
         raise ValueError(f"labels must be 'acdc' or 'camus', got {labels!r}.")
     uf = u if u.is_floating_point() else u.float()
     warped = warp(ml[:, None].to(uf.device).float(), uf, mode="nearest").round().long().cpu()[:, 0]
-    return (acdc_dice if labels == "acdc" else camus_dice)(warped, fl)
+    return (acdc_dice if labels == "acdc" else camus_dice)(warped, fl.cpu())
 
 
 def psnr(a: ArrayLike, b: ArrayLike, data_range: float = 1.0) -> Tensor:
