@@ -110,19 +110,6 @@ def _suffix(path: Path) -> str:
     return ""
 
 
-def _check_mhd_data_file(path: Path) -> None:
-    """A MetaImage header's raw data file must exist (SimpleITK reports a missing one as a generic error)."""
-    try:
-        head = path.read_bytes()[:4096].decode("latin-1")
-    except OSError as exc:
-        raise ValueError(f"{path}: unreadable MetaImage header ({exc})") from exc
-    for line in head.splitlines():
-        if line.strip().startswith("ElementDataFile") and "=" in line:
-            name = line.split("=", 1)[1].strip()
-            if name != "LOCAL" and "%" not in name and " " not in name and not (path.parent / name).is_file():
-                raise FileNotFoundError(f"MetaImage data file not found: {path.parent / name} (named by {path})")
-
-
 def read_image(path: PathLike, what: str = "image"):
     """Read a 2D or 3D scalar image with SimpleITK, with checks whose errors name the file.
 
@@ -138,7 +125,7 @@ def read_image(path: PathLike, what: str = "image"):
         ValueError: unknown extension, unreadable or corrupt file, a vector (multi-component) image, a dimension
             other than 2 or 3, NaN/Inf voxels or a constant image, labels that are not non-negative integers.
     """
-    from diffreg.data.io import check_image
+    from diffreg.data.io import check_image, check_mhd_data_file
 
     sitk = _sitk()
     path = Path(path)
@@ -148,7 +135,7 @@ def read_image(path: PathLike, what: str = "image"):
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     if suffix == ".mhd":
-        _check_mhd_data_file(path)
+        check_mhd_data_file(path)
     try:
         img = sitk.ReadImage(str(path))
     except Exception as exc:  # SimpleITK raises RuntimeError with a long ITK trace

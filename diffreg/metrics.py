@@ -381,6 +381,19 @@ def endpoint_error(ddf: ArrayLike, true_ddf: ArrayLike, mask: ArrayLike | None =
 # Report
 # ----------------------------------------------------------------------------------------------------------------
 
+def _warp_labels(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: ArrayLike):
+    """``(ddf, warped moving label (B, *spatial) on the CPU, moving label, fixed label)`` after the shape checks."""
+    from diffreg.spatial import warp
+
+    u = _check_ddf(ddf)
+    ml, fl = _label_maps(moving_label, fixed_label)
+    if ml.shape[0] != u.shape[0] or tuple(ml.shape[1:]) != tuple(u.shape[2:]):
+        raise ValueError(f"label maps {tuple(ml.shape)} do not match ddf {tuple(u.shape)} (batch and spatial shape).")
+    uf = u if u.is_floating_point() else u.float()
+    warped = warp(ml[:, None].to(uf.device), uf, mode="nearest").cpu()[:, 0]
+    return u, warped, ml, fl
+
+
 def registration_report(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: ArrayLike,
                         labels: str | Sequence[int] = "acdc", spacing: float | Sequence[float] | None = None,
                         true_ddf: ArrayLike | None = None) -> dict[str, Tensor]:
@@ -416,15 +429,7 @@ def registration_report(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: Ar
     Raises:
         ValueError: on inconsistent shapes or an unknown label set.
     """
-    from diffreg.spatial import warp
-
-    u = _check_ddf(ddf)
-    ml, fl = _label_maps(moving_label, fixed_label)
-    if ml.shape[0] != u.shape[0] or tuple(ml.shape[1:]) != tuple(u.shape[2:]):
-        raise ValueError(f"label maps {tuple(ml.shape)} do not match ddf {tuple(u.shape)} (batch and spatial shape).")
-    uf = u if u.is_floating_point() else u.float()
-    warped = warp(ml[:, None].to(uf.device), uf, mode="nearest").cpu()[:, 0]
-
+    u, warped, ml, fl = _warp_labels(ddf, moving_label, fixed_label)
     if isinstance(labels, str):
         if labels == "acdc":
             fn, names = acdc_dice, ACDC_LABELS
@@ -477,16 +482,9 @@ def warped_dice(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: ArrayLike,
     Raises:
         ValueError: on inconsistent shapes or an unknown label set.
     """
-    from diffreg.spatial import warp
-
-    u = _check_ddf(ddf)
-    ml, fl = _label_maps(moving_label, fixed_label)
-    if ml.shape[0] != u.shape[0] or tuple(ml.shape[1:]) != tuple(u.shape[2:]):
-        raise ValueError(f"label maps {tuple(ml.shape)} do not match ddf {tuple(u.shape)} (batch and spatial shape).")
     if labels not in ("acdc", "camus"):
         raise ValueError(f"labels must be 'acdc' or 'camus', got {labels!r}.")
-    uf = u if u.is_floating_point() else u.float()
-    warped = warp(ml[:, None].to(uf.device).float(), uf, mode="nearest").round().long().cpu()[:, 0]
+    _, warped, _, fl = _warp_labels(ddf, moving_label, fixed_label)
     return (acdc_dice if labels == "acdc" else camus_dice)(warped, fl.cpu())
 
 

@@ -47,6 +47,27 @@ def _existing(path: PathLike, what: str = "file") -> Path:
     return path
 
 
+def check_mhd_data_file(path: PathLike) -> None:
+    """A MetaImage header's raw data file must exist: SimpleITK reports a missing one as a generic error, so this
+    check comes first, for a message that names the file.
+
+    Raises:
+        ValueError: the header cannot be read.
+        FileNotFoundError: the data file it names does not exist.
+    """
+    path = Path(path)
+    try:
+        head = path.read_bytes()[:4096].decode("latin-1")
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable MetaImage header ({e})") from e
+    for line in head.splitlines():
+        if line.strip().startswith("ElementDataFile") and "=" in line:
+            name = line.split("=", 1)[1].strip()
+            if name != "LOCAL" and "%" not in name and " " not in name:
+                if not (path.parent / name).is_file():
+                    raise FileNotFoundError(f"MetaImage data file not found: {path.parent / name} (named by {path})")
+
+
 def load_nifti(path: PathLike) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
     """Read a NIfTI file.
 
@@ -159,16 +180,7 @@ def load_mhd(path: PathLike, backend: str | None = None) -> tuple[np.ndarray, tu
         import SimpleITK as sitk
     except ImportError as e:
         raise ImportError("reading MetaImage with backend='sitk' needs SimpleITK: pip install SimpleITK") from e
-    # SimpleITK reports a missing raw file as a generic error: check it first for a clear message.
-    try:
-        head = path.read_bytes()[:4096].decode("latin-1")
-    except OSError as e:
-        raise ValueError(f"{path}: unreadable MetaImage header ({e})") from e
-    for line in head.splitlines():
-        if line.strip().startswith("ElementDataFile") and "=" in line:
-            name = line.split("=", 1)[1].strip()
-            if name != "LOCAL" and "%" not in name and " " not in name:
-                _existing(path.parent / name, "MetaImage data file")
+    check_mhd_data_file(path)
     try:
         img = sitk.ReadImage(str(path))
         arr = sitk.GetArrayFromImage(img).astype(np.float32)
