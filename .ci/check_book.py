@@ -11,9 +11,9 @@ Every HTML page of a built book (``_build/html``) is checked twice:
   untypeset, files the page failed to load and requests that left the machine. A screenshot of each page can be
   saved.
 
-Chromium is driven through its DevTools protocol over ``--remote-debugging-pipe`` (file descriptors 3 and 4), so
-only the Python standard library, BeautifulSoup (a dependency of the book theme) and Debian's ``chromium`` are
-needed.
+Chromium is driven by Playwright (``playwright`` in requirements.txt) with the system's browser, Debian's
+``chromium`` (``$CHROMIUM`` or the first Chromium on PATH), so ``playwright install`` is never needed; the static
+checks need only BeautifulSoup (a dependency of the book theme).
 
 Findings are errors (the page is broken for a reader) or warnings (worth knowing, not failing): e.g. the
 Font Awesome stylesheet that matplotlib's player links from a CDN only styles its buttons (the book theme bundles
@@ -29,16 +29,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
 import re
-import select
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -357,23 +351,46 @@ class BrowserError(RuntimeError):
     """Chromium did not start, crashed, or did not answer in time."""
 
 
-class Chromium:
-    """Headless Chromium with no network, driven over the DevTools protocol on a pipe.
+# Playwright's synchronous API runs one driver per thread: the browsers open at the same time share it.
+_DRIVER: dict[str, Any] = {"playwright": None, "users": 0}
 
-    Every request for a non-local URL goes to a proxy on a closed port of the loopback interface, so it fails at
-    once (``net::ERR_PROXY_CONNECTION_FAILED``) and is reported; nothing leaves the machine. Use as a context
-    manager::
+
+def _playwright_driver() -> Any:
+    from playwright.sync_api import sync_playwright
+
+    if _DRIVER["playwright"] is None:
+        _DRIVER["playwright"] = sync_playwright().start()
+    _DRIVER["users"] += 1
+    return _DRIVER["playwright"]
+
+
+def _release_playwright_driver() -> None:
+    _DRIVER["users"] -= 1
+    if _DRIVER["users"] <= 0 and _DRIVER["playwright"] is not None:
+        driver, _DRIVER["playwright"], _DRIVER["users"] = _DRIVER["playwright"], None, 0
+        driver.stop()
+
+
+class Chromium:
+    """Headless Chromium with no network, driven by Playwright.
+
+    Playwright launches the system's Chromium (Debian's ``chromium``, never a downloaded browser) with every request
+    for a non-local URL sent to a proxy on a closed port of the loopback interface, so it fails at once
+    (``net::ERR_PROXY_CONNECTION_FAILED``) and is reported; nothing leaves the machine. Each page is loaded in a
+    fresh tab of a 1280 x 2000 viewport. Use as a context manager::
 
         with Chromium() as browser:
             result = browser.visit(Path("_build/html/index.html"), screenshot=Path("index.png"))
     """
 
+    # Playwright adds its own automation flags (a temporary profile, --no-default-browser-check, --mute-audio,
+    # --hide-scrollbars, ...) and the proxy below.
     FLAGS = (
         "--headless=new", "--disable-gpu", "--no-sandbox", "--disable-dev-shm-usage", "--no-first-run",
         "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-default-apps", "--mute-audio", "--hide-scrollbars",
-        "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--remote-debugging-pipe",
     )
+    PROXY = {"server": "127.0.0.1:9", "bypass": "<-loopback>"}
 
     def __init__(self, executable: str | None = None, width: int = 1280, height: int = 2000,
                  timeout: float = 60.0) -> None:
@@ -381,12 +398,9 @@ class Chromium:
         if self.executable is None:
             raise BrowserError("chromium is not installed (Debian: apt-get install chromium)")
         self.width, self.height, self.timeout = width, height, timeout
-        self._proc: subprocess.Popen | None = None
-        self._buf = b""
-        self._id = 0
-        self._events: list[dict[str, Any]] = []
-
-    # -- process and protocol
+        self._playwright: Any = None
+        self._browser: Any = None
+        self._context: Any = None
 
     def __enter__(self) -> "Chromium":
         self.start()
@@ -396,116 +410,31 @@ class Chromium:
         self.close()
 
     def start(self) -> None:
-        self._profile = tempfile.mkdtemp(prefix="check-book-chromium-")
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
-
-        def as_fds_3_and_4() -> None:  # the DevTools pipe is fd 3 (commands in) and fd 4 (messages out)
-            r, w = os.dup(to_browser_r), os.dup(from_browser_w)
-            os.dup2(r, 3)
-            os.dup2(w, 4)
-
-        args = [self.executable, *self.FLAGS, f"--user-data-dir={self._profile}",
-                f"--window-size={self.width},{self.height}", "about:blank"]
-        self._proc = subprocess.Popen(args, pass_fds=(3, 4), preexec_fn=as_fds_3_and_4, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_browser_r)
-        os.close(from_browser_w)
-        self.call("Browser.getVersion")
+        try:
+            from playwright.sync_api import Error as PlaywrightError
+        except ImportError as e:
+            raise BrowserError("playwright is not installed (pip install -r requirements.txt)") from e
+        try:
+            self._playwright = _playwright_driver()
+            self._browser = self._playwright.chromium.launch(
+                executable_path=self.executable, headless=True, args=list(self.FLAGS), proxy=self.PROXY,
+                timeout=self.timeout * 1000)
+            self._context = self._browser.new_context(
+                viewport={"width": self.width, "height": self.height}, device_scale_factor=1)
+        except PlaywrightError as e:
+            self.close()
+            raise BrowserError(f"chromium did not start: {e}") from e
 
     def close(self) -> None:
-        if self._proc is None:
-            return
-        try:
-            self.call("Browser.close", timeout=10)
-        except (BrowserError, OSError):
-            pass
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        for fd in (self._to_browser, self._from_browser):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        shutil.rmtree(self._profile, ignore_errors=True)
-        self._proc = None
-
-    def _send(self, method: str, params: dict | None = None, session: str | None = None) -> int:
-        self._id += 1
-        msg: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        data = json.dumps(msg).encode() + b"\0"
-        try:
-            while data:
-                data = data[os.write(self._to_browser, data):]
-        except OSError as e:
-            raise BrowserError(f"chromium is gone ({e})") from e
-        return self._id
-
-    def _receive(self, timeout: float) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while b"\0" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            ready, _, _ = select.select([self._from_browser], [], [], left)
-            if not ready:
-                return None
-            chunk = os.read(self._from_browser, 1 << 20)
-            if not chunk:
-                raise BrowserError("chromium closed the DevTools pipe (crashed?)")
-            self._buf += chunk
-        message, self._buf = self._buf.split(b"\0", 1)
-        return json.loads(message)
-
-    def call(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
-        """Send one DevTools command and return its result; events received meanwhile are kept."""
-        i = self._send(method, params, session)
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while True:
-            msg = self._receive(max(0.0, deadline - time.monotonic()))
-            if msg is None:
-                raise BrowserError(f"no answer to {method} in {timeout or self.timeout:.0f} s")
-            if msg.get("id") == i:
-                if "error" in msg:
-                    raise BrowserError(f"{method}: {msg['error'].get('message')}")
-                return msg.get("result", {})
-            if "method" in msg:
-                self._events.append(msg)
-
-    def _wait_event(self, method: str, session: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            for k, ev in enumerate(self._events):
-                if ev.get("method") == method and ev.get("sessionId") == session:
-                    del self._events[k]
-                    return True
-            msg = self._receive(max(0.0, deadline - time.monotonic()))
-            if msg is None:
-                return False
-            if "method" in msg:
-                self._events.append(msg)
-
-    def _drain(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            msg = self._receive(left)
-            if msg is None:
-                break
-            if "method" in msg:
-                self._events.append(msg)
-
-    def evaluate(self, expression: str, session: str, await_promise: bool = False) -> Any:
-        res = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                              "awaitPromise": await_promise}, session)
-        if "exceptionDetails" in res:
-            raise BrowserError(f"page script failed: {res['exceptionDetails'].get('text')}")
-        return res.get("result", {}).get("value")
+        closers = [self._context and self._context.close, self._browser and self._browser.close,
+                   self._playwright and _release_playwright_driver]
+        self._playwright = self._browser = self._context = None
+        for close in closers:
+            if close:
+                try:
+                    close()
+                except Exception:  # the browser may be gone already; nothing is left to clean up
+                    pass
 
     # -- one page
 
@@ -514,49 +443,65 @@ class Chromium:
 
         Returns:
             ``{"loaded": bool, "dom": {...} (see ``DOM_PROBE``), "requests": [(url, type)], "failed":
-            [(url, type, error)], "exceptions": [str]}``.
+            [(url, type, error)], "exceptions": [str]}``; types are the DevTools protocol's resource types
+            (``Image``, ``Script``, ``Document``, ...).
         """
-        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        from playwright.sync_api import Error as PlaywrightError, TimeoutError as PlaywrightTimeout
+
+        if self._context is None:
+            raise BrowserError("the browser is not started")
+        requests: list[tuple[str, str]] = []
+        failed: list[tuple[str, str, str]] = []
+        exceptions: list[str] = []
+
+        def on_failed(request: Any) -> None:
+            failed.append((request.url, _resource_type(request), request.failure or ""))
+
+        def on_error(error: Any) -> None:
+            exceptions.append(error.stack or (f"{error.name}: {error.message}" if error.name else error.message)
+                              or "JavaScript error")
+
+        loaded, dom = False, None
         try:
-            for domain in ("Page", "Runtime", "Network"):
-                self.call(f"{domain}.enable", session=session)
-            self.call("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": self.height,
-                                                            "deviceScaleFactor": 1, "mobile": False}, session)
-            self.call("Page.navigate", {"url": page.resolve().as_uri()}, session)
-            loaded = self._wait_event("Page.loadEventFired", session, self.timeout)
-            self._drain(settle)  # players start from a setTimeout(0); theme scripts run on load
-            dom = self.evaluate(DOM_PROBE, session, await_promise=True) if loaded else None
-            self._drain(0.1)
+            tab = self._context.new_page()
+        except PlaywrightError as e:
+            raise BrowserError(f"no new tab: {e}") from e
+        try:
+            tab.set_default_timeout(self.timeout * 1000)
+            tab.on("request", lambda request: requests.append((request.url, _resource_type(request))))
+            tab.on("requestfailed", on_failed)
+            tab.on("pageerror", on_error)
+            try:
+                tab.goto(page.resolve().as_uri(), wait_until="load")
+                loaded = True
+            except PlaywrightTimeout:
+                pass
+            tab.wait_for_timeout(settle * 1000)  # players start from a setTimeout(0); theme scripts run on load
+            if loaded:
+                dom = tab.evaluate(DOM_PROBE)
+            tab.wait_for_timeout(100)
             if screenshot is not None and loaded:  # the whole page (up to 20,000 px), as a reader scrolls it
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
-                size = self.call("Page.getLayoutMetrics", session=session).get("cssContentSize", {})
-                height = int(min(max(size.get("height", self.height), 1), 20000))
-                shot = self.call("Page.captureScreenshot", {
-                    "format": "png", "captureBeyondViewport": True,
-                    "clip": {"x": 0, "y": 0, "width": self.width, "height": height, "scale": 1}}, session)
-                screenshot.write_bytes(base64.b64decode(shot["data"]))
+                tab.screenshot(path=screenshot, type="png", full_page=True,
+                               clip={"x": 0, "y": 0, "width": self.width, "height": 20000})
+        except PlaywrightError as e:
+            raise BrowserError(str(e).splitlines()[0]) from e
         finally:
-            events = [e for e in self._events if e.get("sessionId") == session]
-            self._events = [e for e in self._events if e.get("sessionId") != session]
             try:
-                self.call("Target.closeTarget", {"targetId": target})
-            except BrowserError:
+                tab.close()
+            except PlaywrightError:
                 pass
-        urls: dict[str, tuple[str, str]] = {}
-        failed, exceptions = [], []
-        for ev in events:
-            p = ev.get("params", {})
-            if ev["method"] == "Network.requestWillBeSent":
-                urls[p["requestId"]] = (p["request"]["url"], p.get("type", ""))
-            elif ev["method"] == "Network.loadingFailed" and not p.get("canceled"):
-                url, kind = urls.get(p["requestId"], ("?", p.get("type", "")))
-                failed.append((url, p.get("type", kind), p.get("errorText", "")))
-            elif ev["method"] == "Runtime.exceptionThrown":
-                d = p.get("exceptionDetails", {})
-                exceptions.append(d.get("exception", {}).get("description") or d.get("text", "JavaScript error"))
-        return {"loaded": loaded, "dom": dom, "requests": list(urls.values()), "failed": failed,
-                "exceptions": exceptions}
+        return {"loaded": loaded, "dom": dom, "requests": requests, "failed": failed, "exceptions": exceptions}
+
+
+def _resource_type(request: Any) -> str:
+    """A request's resource type as the DevTools protocol names it (``Image``, ``XHR``), as the findings show it."""
+    kind = request.resource_type
+    return _DEVTOOLS_TYPES.get(kind, kind[:1].upper() + kind[1:])
+
+
+_DEVTOOLS_TYPES = {"xhr": "XHR", "texttrack": "TextTrack", "eventsource": "EventSource", "websocket": "WebSocket",
+                   "signedexchange": "SignedExchange", "cspviolationreport": "CSPViolationReport"}
 
 
 # Runs in the page once it has loaded: waits for every image (players' frames included) to load or fail, then
@@ -626,7 +571,7 @@ def check_in_browser(browser: Chromium, page: str | Path, root: str | Path | Non
         browser: a started :class:`Chromium`.
         page: the HTML file.
         root: the book root (for the page names in findings); default the page's folder.
-        screenshot: where to save a PNG of the first screen of the page, if given.
+        screenshot: where to save a PNG of the whole page (up to 20,000 px tall), if given.
         strict_network: make every request to the network an error.
     """
     page = Path(page)

@@ -2,7 +2,8 @@
 
 * Unit tests of the checker on the tiny handcrafted pages in ``tests/fixtures/rendered_book/``: the good page passes;
   a cell traceback, a blank widget, a missing image, a player without frames and a figure from the network each fail
-  it. The static part (HTML only) always runs; the browser part needs Debian's ``chromium`` and is skipped without.
+  it. The static part (HTML only) always runs; the browser part (Playwright driving Debian's ``chromium``) is skipped
+  without them.
 * The real book: every page of ``$DIFFREG_BOOK_HTML`` (default ``_build/html``) must pass, with a screenshot of each
   saved to ``$DIFFREG_SCREENSHOTS`` (default ``_build/screenshots``). Skipped while the book is not built; ``.ci/run``
   runs it after ``jupyter-book build``::
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -35,9 +37,12 @@ def _load_checker():
 check_book = _load_checker()
 
 CHROMIUM = check_book.find_chromium()
+PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
+NO_BROWSER = (None if CHROMIUM is not None and PLAYWRIGHT else
+              "chromium is not installed (Debian: apt-get install --no-install-recommends chromium)" if PLAYWRIGHT else
+              "playwright is not installed (pip install -r requirements.txt)")
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install --no-install-recommends chromium); "
-                             "the browser half of the rendered-book check needs it")
+    NO_BROWSER is not None, reason=f"{NO_BROWSER}; the browser half of the rendered-book check needs it")
 
 BOOK = Path(os.environ.get("DIFFREG_BOOK_HTML") or ROOT / "_build" / "html")
 SCREENSHOTS = Path(os.environ.get("DIFFREG_SCREENSHOTS") or ROOT / "_build" / "screenshots")
@@ -174,6 +179,43 @@ def test_browser_broken_page_fails(browser, name, kind):
     assert expected in kinds
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@needs_chromium
+@pytest.mark.parametrize("height,expected", [(5000, 5000), (30000, 20000)])
+def test_browser_screenshot_is_the_whole_page(browser, tmp_path, height, expected):
+    """The screenshot shows the page as a reader scrolls it, not its first screen, up to 20,000 px."""
+    page = tmp_path / "tall.html"
+    page.write_text(f'<html><body style="margin:0"><article><div style="height:{height}px">tall</div></article>'
+                    '</body></html>', encoding="utf-8")
+    shot = tmp_path / "tall.png"
+    assert check_book.errors(check_book.check_in_browser(browser, page, tmp_path, shot)) == []
+    assert _png_size(shot) == (1280, expected)
+
+
+@needs_chromium
+def test_browser_reports_blocked_requests_at_once(browser, tmp_path):
+    """Offline, a request to another host fails at once (no wait for a timeout) and is still reported."""
+    page = tmp_path / "page.html"
+    page.write_text('<html><head><script src="https://cdn.example.invalid/theme.js"></script></head><body><article>'
+                    '<img src="https://example.invalid/figure.png"><script>fetch("https://api.example.invalid/x")'
+                    '.catch(() => {});</script></article></body></html>', encoding="utf-8")
+    start = time.monotonic()
+    result = browser.visit(page)
+    assert result["loaded"] and time.monotonic() - start < 20  # the browser's timeout is 60 s
+    assert {("https://cdn.example.invalid/theme.js", "Script"), ("https://example.invalid/figure.png", "Image"),
+            ("https://api.example.invalid/x", "Fetch")} <= set(result["requests"])
+    assert {url for url, _, _ in result["failed"]} >= {"https://example.invalid/figure.png",
+                                                      "https://cdn.example.invalid/theme.js"}
+    findings = check_book.check_in_browser(browser, page, tmp_path)
+    assert {f.target for f in check_book.errors(findings) if f.kind == "network"} == {
+        "https://cdn.example.invalid/theme.js", "https://example.invalid/figure.png"}
+
+
 @needs_chromium
 @pytest.mark.parametrize("name,kind", sorted(BROKEN_LAYOUT.items()))
 def test_browser_layout_page_fails(browser, name, kind):
@@ -200,11 +242,10 @@ def _book_pages() -> list:
 
 @pytest.fixture(scope="module")
 def book_browser():
-    if CHROMIUM is None:
-        message = "chromium is not installed (Debian: apt-get install --no-install-recommends chromium)"
+    if NO_BROWSER is not None:
         if os.environ.get("DIFFREG_BOOK_HTML"):  # asked for explicitly (.ci/run): a skip would hide a broken check
-            pytest.fail(message)
-        pytest.skip(message)
+            pytest.fail(NO_BROWSER)
+        pytest.skip(NO_BROWSER)
     with check_book.Chromium(CHROMIUM, timeout=120) as b:
         yield b
 
