@@ -7,6 +7,7 @@ Examples::
     python -m diffreg train --method diffusereg --data acdc:/data/ACDC/training --split-scheme official --out runs/dr
     python -m diffreg evaluate --run runs/vm --data phantom --out runs/vm/test.csv
     python -m diffreg evaluate --run runs/dr --option sampler=ddim --option steps=20
+    python -m diffreg evaluate --run runs/dr --option eta=1.0 --option samples=10
     python -m diffreg register --run runs/vm --moving es.nii.gz --fixed ed.nii.gz --out reg
     python -m diffreg speed --method voxelmorph --profile paper --dims 3 --steps 20 --out speed.csv
     python -m diffreg bench --methods all --profile quick --data phantom --runs runs --out bench
@@ -188,7 +189,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     table = evaluate(model, data, device=device, progress=True, limit=args.limit, **options)
     table.to_csv(out)
     s = summarize(table)
-    cols = [c for c in ("dice_initial", "dice", "folding_percent", "jacobian_std", "hd95", "epe", "seconds") if c in s]
+    cols = [c for c in ("dice_initial", "dice", "folding_percent", "jacobian_std", "hd95", "epe", "seconds",
+                        "spread_mean", "spearman_spread_error") if c in s]  # the last two with --option samples=N
     print(f"{cfg.method} on {len(table)} {args.split} pairs of {args.data} ({_protocol_text(data)}):")
     print("  " + ", ".join(f"{c} {s[c][0]:.3f} ± {s[c][1]:.3f}" for c in cols))
     print(f"per-case table: {out}")
@@ -486,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     _protocol_arguments(ev, "default: the run's")
     ev.add_argument("--device", default=None, help=DEVICE_HELP)
     ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="keyword passed to model.register, e.g. --option steps=20 --option sampler=ddim")
+                    help="keyword passed to model.register, e.g. --option steps=20 --option sampler=ddim; "
+                         "--option samples=N (a stochastic model, e.g. with --option eta=1.0) draws N fields per pair "
+                         "and adds their spread columns (spread_mean, spearman_spread_error, ...)")
     ev.set_defaults(func=_cmd_evaluate)
 
     rg = sub.add_parser("register", help="register your own NIfTI / MetaImage pairs with a trained run")

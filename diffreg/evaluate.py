@@ -11,7 +11,9 @@ Columns of the per-case table (metric definitions in :mod:`diffreg.metrics`, sta
 * ``hd95`` (mean over structures, in mm when the dataset gives a spacing);
 * ``epe`` and ``epe_initial`` (mean end-point error in voxels against the true motion after / before
   registration, phantoms only);
-* ``seconds`` (wall time of ``model.register`` for the pair, after one untimed warm-up registration).
+* ``seconds`` (wall time of ``model.register`` for the pair, after one untimed warm-up registration);
+* with ``samples=N`` (N > 1) for a stochastic model: the spread statistics of N sampled fields,
+  :func:`diffreg.uncertainty.spread_columns` (``spread_mean``, ``spearman_spread_error``, ...; chapter 11).
 
 Explained in chapter 02 (``notebooks/02_voxelmorph.md``).
 """
@@ -129,7 +131,9 @@ def evaluate(
             model is moved there.
         progress: show a tqdm bar.
         limit: evaluate only the first ``limit`` pairs.
-        **register_options: passed to ``model.register`` (e.g. sampler steps).
+        **register_options: passed to ``model.register`` (e.g. sampler steps). ``samples=N`` (N > 1) is not: it
+            draws N fields per pair with :func:`diffreg.uncertainty.sample_fields` (seeds ``seed ... seed + N - 1``)
+            and adds their spread columns; the other columns stay those of the one registration (chapter 11).
 
     Returns:
         A :class:`Table` with one row per pair (columns in the module docstring).
@@ -144,6 +148,7 @@ def evaluate(
     model.to(device).eval()
     label_set = _label_set(dataset)
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    samples = int(register_options.pop("samples", 1) or 1)  # > 1: spread statistics of sampled fields (chapter 11)
     rows = Table()
     if n:  # one untimed registration first, so ``seconds`` excludes one-time start-up costs
         warm = dataset[0]
@@ -174,6 +179,10 @@ def evaluate(
         for k, v in report.items():
             row[k] = float(v[0]) if isinstance(v, torch.Tensor) else float(v)
         row["seconds"] = seconds
+        if samples > 1:
+            from diffreg.uncertainty import spread_columns
+
+            row.update(spread_columns(model, moving, fixed, samples, true_ddf, **register_options))
         rows.append(row)
     return rows
 
