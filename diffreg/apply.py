@@ -722,17 +722,13 @@ def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLik
     net_m, _ = prep.apply(mf_arr.reshape(plane_shape), plane_spacing)
 
     # 3. the network's field, in network voxels
+    from diffreg.evaluate import timed_register
+
     model = r.model
     with torch.no_grad():
         mt = torch.from_numpy(net_m)[None, None].to(dev)
         ft = torch.from_numpy(net_f)[None, None].to(dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        result = model.register(mt, ft, **options)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        seconds_model = time.perf_counter() - t0
+        result, seconds_model = timed_register(model, mt, ft, **options)
     u = result.ddf.detach().float().cpu()[0].numpy()  # (dims, *size)
     if u.shape != (dims, *prep.size):
         raise ValueError(f"the model of {r.name} returned a field of shape {u.shape}, expected {(dims, *prep.size)}")

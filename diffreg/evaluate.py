@@ -112,6 +112,19 @@ def _label_set(dataset: Dataset) -> str:
 
 
 @torch.no_grad()
+def timed_register(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, **options: Any):
+    """``(model.register(moving, fixed, **options), seconds)``: wall time of one registration, the GPU synchronised
+    before and after so that the time covers the work, not only its launch."""
+    device = moving.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    result = model.register(moving, fixed, **options)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - t0
+
+
 def evaluate(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -157,13 +170,7 @@ def evaluate(
         item = dataset[i]
         moving = item["moving"][None].to(device)
         fixed = item["fixed"][None].to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        result = model.register(moving, fixed, **register_options)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
+        result, seconds = timed_register(model, moving, fixed, **register_options)
         spacing = item.get("spacing")
         spacing = tuple(float(s) for s in spacing) if spacing is not None else None
         true_ddf = item.get("true_ddf")
