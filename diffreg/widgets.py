@@ -226,3 +226,47 @@ def sequence_viewer(frames: Sequence[Any], titles: Sequence[str] | None = None, 
     k_w.observe(draw, names="value")
     draw()
     return W.VBox([k_w, out])
+
+
+def jacobian_viewer(ddfs: Sequence[Any], titles: Sequence[str] | None = None, static: bool = False,
+                    axis: int = 0, **player_kwargs: Any):
+    """The Jacobian maps of a sequence of fields (pairs, sampler steps, scales) with a slider over them.
+
+    Each frame shows three panels of one field: ``det J`` (:func:`diffreg.viz.plot_jacobian`, folds marked), the
+    folding mask (``det J <= 0``, white) and the displacement magnitude in voxels (one colour scale for all frames).
+
+    Explained in chapters 01 and 06.
+
+    Args:
+        ddfs: fields ``(ndim, *spatial)`` or ``(1, ndim, *spatial)`` in voxels, tensors or arrays.
+        titles: one label per field.
+        static: return the static player (:func:`diffreg.viz.player`) of the same frames instead of a widget.
+        axis: for 3D fields, the axis of the middle slice shown.
+        **player_kwargs: passed to the player (static) .
+
+    Returns:
+        an ``ipywidgets.VBox`` or, with ``static=True``, an ``IPython.display.HTML`` player.
+
+    Raises:
+        ValueError: no fields.
+    """
+    from functools import partial
+
+    import torch
+
+    from diffreg import metrics, viz
+
+    if len(ddfs) == 0:
+        raise ValueError("jacobian_viewer needs at least one field.")
+    fields = [torch.as_tensor(viz._field_nd(u)).float()[None] for u in ddfs]
+    dets = [metrics.jacobian_determinant(u)[0] for u in fields]
+    mags = [viz.image2d(u[0].norm(dim=0), axis) for u in fields]
+    top = max(float(m.max()) for m in mags) or 1.0
+    frames = []
+    for u, det, mag in zip(fields, dets, mags):
+        frames.append([partial(viz.plot_jacobian, ddf_or_det=u, colorbar=False),
+                       viz.image2d((det <= 0).float(), axis), np.clip(mag / top, 0.0, 1.0)])
+    kwargs = {"panel_titles": ["det J", "folding (det J <= 0)", f"|u| (0 - {top:.1f} voxels)"], **player_kwargs}
+    if static:
+        return viz.player(frames, titles=titles, **kwargs)
+    return sequence_viewer(frames, titles=titles)

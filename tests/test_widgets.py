@@ -3,6 +3,7 @@
 import re
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 
@@ -74,3 +75,20 @@ def test_live_kernel_is_false_when_executed_headless(monkeypatch):
     assert widgets.in_live_kernel() is False
     monkeypatch.setenv("DIFFREG_STATIC", "0")
     assert widgets.in_live_kernel() is True
+
+
+def test_jacobian_viewer_live_and_static():
+    import torch
+
+    from diffreg.spatial import random_smooth_field
+
+    fields = [random_smooth_field(1, (16, 16), grids=(4,), scale=s, generator=torch.Generator().manual_seed(0))[0]
+              for s in (0.5, 3.0)]
+    live = widgets.jacobian_viewer(fields, titles=["small", "large"])
+    assert live.children[0].max == 1
+    live.children[0].value = 1
+    html = widgets.jacobian_viewer(fields, titles=["small", "large"], static=True).data
+    assert _n_frames(html) == 2
+    with pytest.raises(ValueError):
+        widgets.jacobian_viewer([])
+    plt.close("all")
