@@ -44,6 +44,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Chapter kernels run headless here: diffreg.widgets.in_live_kernel() is False, so chapters show their static
     # players (which the rendered book needs) and skip the live widgets.
     os.environ.setdefault("DIFFREG_STATIC", "1")
+    # ITK (inside antspyx) reads its thread count once, at the process's first ANTs call, which may be a test that
+    # only applies a transform; one thread from the start keeps ANTs SyN reproducible in every test and chapter.
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     # The unit tests use small tensors: one thread is faster than two and leaves the other core to a chapter kernel.
     import torch
 
