@@ -125,6 +125,7 @@ def timed_register(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Te
     return result, time.perf_counter() - t0
 
 
+@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     dataset: Dataset,
