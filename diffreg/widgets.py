@@ -242,7 +242,7 @@ def jacobian_viewer(ddfs: Sequence[Any], titles: Sequence[str] | None = None, st
         titles: one label per field.
         static: return the static player (:func:`diffreg.viz.player`) of the same frames instead of a widget.
         axis: for 3D fields, the axis of the middle slice shown.
-        **player_kwargs: passed to the player (static) .
+        **player_kwargs: passed to the static player.
 
     Returns:
         an ``ipywidgets.VBox`` or, with ``static=True``, an ``IPython.display.HTML`` player.
