@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 from diffreg.config import DataConfig, MethodConfig, get_config, methods
 from diffreg.evaluate import Table, compare, evaluate, read_csv
 
-__all__ = ["run_bench", "make_figures", "load_results", "bench_methods", "parse_options", "parse_budget", "bench_data",
+__all__ = ["run_bench", "run_bench_seeds", "seed_summary", "SEED_COLUMNS", "make_figures", "load_results", "bench_methods", "parse_options", "parse_budget", "bench_data",
            "learning_curves", "curves_figure",
            "IntensityView", "SUMMARY_COLUMNS", "SKIPPED", "CLASSICAL", "REFERENCE"]
 
@@ -260,8 +260,11 @@ def _stage_budget(cfg: MethodConfig) -> str:
 def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir: Path, steps: int | None,
                    device: str | torch.device | None, progress: bool, amp: bool = False,
                    stage_steps: int | None = None, max_seconds: float | None = None,
-                   curve: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                   curve: dict[str, Any] | None = None, seed: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Reuse the finished run in ``run_dir`` or train ``name`` there; returns the model and what was done.
+
+    ``seed`` (default: the profile's, 0) seeds the initialisation, the data order and the training noise, and the
+    stages trained before the main loop where a model has a seed of its own for them (LDM-Morph's ``stage1_seed``).
 
     ``max_seconds`` caps the training time (a wall-clock budget); ``curve`` (``{"every": steps, "pairs": n,
     "options": register options}``) logs a validation Dice every ``every`` steps on the ``"val"`` split."""
@@ -282,7 +285,11 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
     cfg.data.phantom, cfg.data.n_subjects = data.phantom, data.n_subjects
     if steps is not None:
         cfg.train.steps, cfg.train.epochs = int(steps), None
-    info: dict[str, Any] = {"run": str(run_dir), "profile": profile}
+    if seed is not None:
+        cfg.train.seed = int(seed)
+        if "stage1_seed" in cfg.model:
+            cfg.model["stage1_seed"] = int(seed)
+    info: dict[str, Any] = {"run": str(run_dir), "profile": profile, "seed": cfg.train.seed}
     notes: list[str] = []
     if profile_size is not None:
         notes.append(f"trained at the benchmark size {tuple(data.size)} (profile size {profile_size})")
@@ -316,6 +323,8 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
                     notes.append(f"the reused run was trained on {src!r}")
             if cfg.profile != profile:
                 notes.append(f"the reused run is a {cfg.profile!r} run")
+            if seed is not None and cfg.train.seed != int(seed):
+                notes.append(f"the reused run was trained with seed {cfg.train.seed} (seed {seed} asked)")
             if steps is not None and step != steps:
                 notes.append(f"the reused run was trained for {step:,} steps ({steps:,} asked)")
             logged = read_csv(run_dir / "log.csv") if (run_dir / "log.csv").is_file() else []
@@ -428,7 +437,7 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
               progress: bool = False, run_dirs: Mapping[str, str | Path] | None = None,
               direction: str | None = None, view: str | None = None, split_scheme: str | None = None,
               amp: bool = False, stage_steps: int | None = None, budget: str | None = None,
-              curve_every: int | None = None, curve_pairs: int = 4) -> dict[str, Any]:
+              curve_every: int | None = None, curve_pairs: int = 4, seed: int | None = None) -> dict[str, Any]:
     """Train (or reuse) and evaluate every selected method on the same held-out pairs; write the results.
 
     Args:
@@ -469,6 +478,8 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
             ``learning_curves.png`` (:func:`learning_curves`, :func:`curves_figure`). Runs reused from an earlier
             call contribute the curve their ``log.csv`` holds, if any.
         curve_pairs: validation pairs of the learning curves.
+        seed: training seed of every method (default: the profile's, 0); :func:`run_bench_seeds` repeats the
+            benchmark over several seeds.
 
     Returns:
         dict with ``"tables"`` (method -> per-case :class:`~diffreg.evaluate.Table`), ``"results"`` (all rows, the
@@ -540,7 +551,8 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
                 curve = {"every": max(1, math.ceil(int(curve_every) / batch)), "pairs": int(curve_pairs),
                          "options": opts.get(name, {})}
             model, meta = _trained_model(name, profile, data_cfg, data, run_dir, n_steps, device, progress,
-                                         amp=amp, stage_steps=stage_steps, max_seconds=max_seconds, curve=curve)
+                                         amp=amp, stage_steps=stage_steps, max_seconds=max_seconds, curve=curve,
+                                         seed=seed)
             eval_device = dev
             intensity = tuple(meta["config"].data.intensity)
         view = test if intensity is None or intensity == tuple(test.intensity) else IntensityView(test, intensity)
@@ -779,3 +791,116 @@ def load_results(out: str | Path) -> tuple[dict[str, Table], dict[str, Any] | No
     if (out / "examples.pt").is_file():
         examples = torch.load(out / "examples.pt", weights_only=True)
     return tables, examples
+
+
+#: Columns summarised over seeds by :func:`seed_summary` (those present in the results).
+SEED_COLUMNS = ("dice", "dice_lv", "dice_myo", "dice_rv", "folding_percent", "sdlogj", "hd95", "epe", "seconds")
+
+
+def seed_summary(results: Sequence[Mapping[str, Any]], reference: str = REFERENCE,
+                 columns: Sequence[str] = SEED_COLUMNS) -> Table:
+    """Summarise a multi-seed benchmark with the *seed* as the unit of repetition.
+
+    For each method and seed the per-pair rows are first averaged (one number per seed: what that training run
+    achieved); the summary then gives, per method, the mean and SD over seeds of those per-seed means and, against
+    ``reference``, the per-seed difference of mean Dice: its mean, minimum and maximum, how many seeds the method
+    is ahead, and a paired t-test over seeds (``p_seeds``; NaN with fewer than 2 seeds). A method without a seed
+    (ANTs SyN, run once) is compared with every seed's reference.
+
+    Args:
+        results: per-pair rows with ``method``, ``seed`` and the metric columns (``results.csv`` of
+            :func:`run_bench_seeds`).
+        reference: the method the others are compared with.
+        columns: metric columns to summarise (missing ones are skipped).
+
+    Returns:
+        one row per method: ``method``, ``seeds`` (count), ``<col>_mean`` and ``<col>_sd`` (SD over seeds, ddof 1),
+        ``dice_diff_mean``, ``dice_diff_min``, ``dice_diff_max``, ``seeds_ahead``, ``p_seeds``.
+    """
+    import numpy as np
+    from scipy.stats import ttest_rel
+
+    rows = Table(results)
+    methods_ = list(dict.fromkeys(r["method"] for r in rows))
+    cols = [c for c in columns if any(c in r for r in rows)]
+
+    def per_seed(method: str) -> dict[Any, dict[str, float]]:
+        out: dict[Any, dict[str, float]] = {}
+        for s in dict.fromkeys(r.get("seed") for r in rows if r["method"] == method):
+            t = Table(r for r in rows if r["method"] == method and r.get("seed") == s)
+            out[s] = {c: t.mean(c) for c in cols}
+        return out
+
+    by = {m: per_seed(m) for m in methods_}
+    ref = by.get(reference, {})
+    out = Table()
+    for m in methods_:
+        seeds = by[m]
+        row: dict[str, Any] = {"method": m, "seeds": len(seeds)}
+        for c in cols:
+            v = np.array([seeds[s][c] for s in seeds], dtype=float)
+            row[f"{c}_mean"] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+            row[f"{c}_sd"] = float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else math.nan
+        if m != reference and ref and "dice" in cols:
+            common = [s for s in ref if s in seeds] or ([s for s in ref] if len(seeds) == 1 else [])
+            mine = [seeds[s if s in seeds else next(iter(seeds))]["dice"] for s in common]
+            theirs = [ref[s]["dice"] for s in common]
+            d = np.array(mine) - np.array(theirs)
+            row.update(dice_diff_mean=float(d.mean()) if len(d) else math.nan,
+                       dice_diff_min=float(d.min()) if len(d) else math.nan,
+                       dice_diff_max=float(d.max()) if len(d) else math.nan,
+                       seeds_ahead=int((d > 0).sum()),
+                       p_seeds=float(ttest_rel(mine, theirs).pvalue) if len(d) > 1 and np.ptp(d) > 0 else math.nan)
+        out.append(row)
+    return out
+
+
+def run_bench_seeds(seeds: Sequence[int], methods: str | Sequence[str] = "all", runs: str | Path = "runs",
+                    out: str | Path = "bench", **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_bench` once per seed, then a summary over seeds (:func:`seed_summary`).
+
+    Each seed trains every learned method in ``runs/seed<s>/<method>`` (reused when finished, so an interrupted
+    call resumes) and writes its own benchmark to ``out/seed<s>/``. ANTs SyN does not depend on the training seed:
+    it runs with the first seed only and its rows carry an empty seed. Written to ``out``: ``results.csv`` (every
+    per-pair row with its ``seed``), ``seeds.csv`` and ``seeds.md`` (the summary over seeds).
+
+    Args:
+        seeds: the training seeds, e.g. ``[0, 1, 2]``.
+        methods, runs, out: as :func:`run_bench`; ``kwargs``: any other :func:`run_bench` argument but ``seed``.
+
+    Returns:
+        dict with ``"results"`` (all rows), ``"summary"`` (:func:`seed_summary`), ``"per_seed"`` (seed -> the
+        :func:`run_bench` result) and ``"paths"``.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct integers, got {seeds}")
+    if "seed" in kwargs:
+        raise ValueError("run_bench_seeds takes the seeds as its first argument, not seed=")
+    names, _ = bench_methods(methods)
+    runs, out = Path(runs), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    per_seed: dict[int, dict[str, Any]] = {}
+    options = kwargs.pop("options", None)
+    opts = parse_options(options) if options is not None and not isinstance(options, Mapping) else \
+        {k: dict(v) for k, v in (options or {}).items()}
+    for k, s in enumerate(seeds):
+        chosen = names if k == 0 else [n for n in names if n not in CLASSICAL]
+        res = run_bench(chosen, runs=runs / f"seed{s}", out=out / f"seed{s}", seed=s,
+                        options={m: o for m, o in opts.items() if m in chosen}, **kwargs)
+        per_seed[s] = res
+        for r in res["results"]:
+            rows.append({"method": r["method"], "seed": "" if r["method"] in CLASSICAL else s,
+                         **{c: v for c, v in r.items() if c != "method"}})
+    results = Table(rows)
+    summary = seed_summary(results)
+    paths = {"results": results.to_csv(out / "results.csv"), "seeds": summary.to_csv(out / "seeds.csv")}
+    text = (f"# Benchmark over seeds {', '.join(map(str, seeds))}\n\n"
+            f"Each seed trains every learned method once; a seed's value is the mean over the held-out pairs. "
+            f"`_mean` / `_sd`: mean and SD over seeds; `dice_diff_*`: per-seed difference of mean Dice against "
+            f"{REFERENCE} (min, max over seeds), `seeds_ahead`: seeds where the method is ahead, `p_seeds`: paired "
+            f"t-test over seeds. Per-seed benchmarks: `seed<s>/`.\n\n{summary.to_markdown()}\n")
+    (out / "seeds.md").write_text(text)
+    paths["summary"] = out / "seeds.md"
+    return {"results": results, "summary": summary, "per_seed": per_seed, "paths": paths}

@@ -409,13 +409,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _folder(args.runs, "--runs")
     device = _device(args)
     print(_device_line(device) + ("; bfloat16 autocast (--amp)" if args.amp else "; float32"))
+    common = dict(profile=args.profile, data=args.data, dims=args.dims, limit=args.limit, device=device,
+                  options=args.option, steps=args.steps, size=args.size, split=args.split, progress=True,
+                  direction=args.direction, view=args.view, split_scheme=args.split_scheme, amp=args.amp,
+                  stage_steps=args.stage_steps, budget=args.budget, curve_every=args.curve_every,
+                  curve_pairs=args.curve_pairs)
     try:
-        res = run_bench(args.methods, profile=args.profile, data=args.data, runs=args.runs, out=args.out,
-                        dims=args.dims, limit=args.limit, device=device, options=args.option, steps=args.steps,
-                        size=args.size, split=args.split, progress=True, direction=args.direction,
-                        view=args.view, split_scheme=args.split_scheme, amp=args.amp,
-                        stage_steps=args.stage_steps, budget=args.budget, curve_every=args.curve_every,
-                        curve_pairs=args.curve_pairs)
+        if args.seeds:
+            from diffreg.bench import run_bench_seeds
+
+            multi = run_bench_seeds(args.seeds, args.methods, runs=args.runs, out=args.out, **common)
+            print(multi["summary"].to_markdown())
+            print("wrote " + ", ".join(str(p) for p in multi["paths"].values()))
+            return 0
+        res = run_bench(args.methods, runs=args.runs, out=args.out, **common)
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -561,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     _protocol_arguments(be)
     be.add_argument("--amp", action="store_true", help="train with mixed precision on CUDA (default float32)")
     be.add_argument("--device", default=None, help=DEVICE_HELP)
+    be.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                    help="train and evaluate every method once per seed (runs in RUNS/seed<S>, results in "
+                         "OUT/seed<S>); OUT/results.csv carries a seed column and OUT/seeds.md the summary over seeds")
     be.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="keyword passed to one method's register, e.g. --option diffusereg:steps=50")
     be.set_defaults(func=_cmd_bench)

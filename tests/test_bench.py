@@ -205,3 +205,70 @@ def test_equal_budget_in_seconds(tmp_path):
     # the steps are estimated from a timing so that the schedule completes in about 1 s; the run stops at 1 s anyway
     assert info["steps"] >= 1 and 0 < info["seconds"] < 1.0 + 5.0
     assert "equal budget of 1 s of training per method" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_seed_summary_treats_seeds_as_the_unit():
+    """Known answer: two pairs per seed, three seeds; a seed's value is its pair mean, the comparison is per seed."""
+    from diffreg.bench import seed_summary
+
+    rows = []
+    vm = {0: (0.80, 0.82), 1: (0.70, 0.72), 2: (0.90, 0.92)}   # per-seed means 0.81, 0.71, 0.91
+    dm = {0: (0.85, 0.85), 1: (0.70, 0.70), 2: (0.95, 0.93)}   # per-seed means 0.85, 0.70, 0.94
+    for method, table in (("voxelmorph", vm), ("diffusemorph", dm)):
+        for seed, values in table.items():
+            rows += [{"method": method, "seed": seed, "case": c, "dice": v, "folding_percent": 0.1 * seed}
+                     for c, v in enumerate(values)]
+    rows += [{"method": "syn", "seed": "", "case": c, "dice": 0.8} for c in range(2)]
+    s = {r["method"]: r for r in seed_summary(rows)}
+    assert s["voxelmorph"]["seeds"] == 3 and s["voxelmorph"]["dice_mean"] == pytest.approx(0.81)
+    assert s["voxelmorph"]["dice_sd"] == pytest.approx(0.1)              # SD of 0.81, 0.71, 0.91 (ddof 1)
+    assert s["voxelmorph"]["folding_percent_mean"] == pytest.approx(0.1)
+    d = np.array([0.04, -0.01, 0.03])
+    assert s["diffusemorph"]["dice_diff_mean"] == pytest.approx(d.mean())
+    assert (s["diffusemorph"]["dice_diff_min"], s["diffusemorph"]["dice_diff_max"]) == pytest.approx((-0.01, 0.04))
+    assert s["diffusemorph"]["seeds_ahead"] == 2
+    from scipy.stats import ttest_1samp
+
+    assert s["diffusemorph"]["p_seeds"] == pytest.approx(ttest_1samp(d, 0).pvalue)
+    # SyN runs once: compared with every seed's VoxelMorph
+    assert s["syn"]["seeds"] == 1 and s["syn"]["seeds_ahead"] == 1
+    assert s["syn"]["dice_diff_min"] == pytest.approx(0.8 - 0.91) and s["syn"]["dice_diff_max"] == pytest.approx(0.09)
+    assert "p_seeds" not in s["voxelmorph"]
+
+
+def test_bench_over_seeds_command(tmp_path):
+    """--seeds trains every method once per seed (its own run folder and seed), rows carry the seed, and the summary
+    is over seeds; an interrupted call resumes (finished runs are reused)."""
+    pytest.importorskip("ants")
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["bench", "--methods", "voxelmorph", "fsdiffreg", "syn", "--steps", "3", "--limit", "2", "--seeds", "0",
+            "1", "--runs", str(runs), "--out", str(out), "--option", "syn:reg_iterations=(20, 10, 5)"]
+    assert main(args) == 0
+    from diffreg.config import MethodConfig
+    import json
+
+    for s in (0, 1):
+        for m in ("voxelmorph", "fsdiffreg"):
+            cfg = MethodConfig.from_dict(json.loads((runs / f"seed{s}" / m / "config.json").read_text()))
+            assert cfg.train.seed == s
+        assert (out / f"seed{s}" / "results.csv").is_file()
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["method"], r["seed"]) for r in rows} == {("voxelmorph", "0"), ("voxelmorph", "1"), ("fsdiffreg", "0"),
+                                                         ("fsdiffreg", "1"), ("syn", "")}
+    # different seeds train different networks (after 3 steps the fields differ, if not yet the Dice)
+    epe = {s: [float(r["epe"]) for r in rows if r["method"] == "voxelmorph" and r["seed"] == s] for s in ("0", "1")}
+    assert epe["0"] != epe["1"]
+    vm = {s: [float(r["dice"]) for r in rows if r["method"] == "voxelmorph" and r["seed"] == s] for s in ("0", "1")}
+    summary = list(csv.DictReader(open(out / "seeds.csv")))
+    by = {r["method"]: r for r in summary}
+    assert by["voxelmorph"]["seeds"] == "2" and by["syn"]["seeds"] == "1"
+    mean0 = np.mean(vm["0"]); mean1 = np.mean(vm["1"])
+    assert float(by["voxelmorph"]["dice_mean"]) == pytest.approx((mean0 + mean1) / 2, abs=1e-6)
+    assert float(by["voxelmorph"]["dice_sd"]) == pytest.approx(abs(mean0 - mean1) / math.sqrt(2), abs=1e-6)
+    assert "seeds_ahead" in by["fsdiffreg"] and "p_seeds" in (out / "seeds.md").read_text()
+    # run again: every run is reused, nothing is trained, the same numbers come back
+    stamp = (runs / "seed1" / "fsdiffreg" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (runs / "seed1" / "fsdiffreg" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    again = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["dice"] for r in again if r["method"] != "syn"] == [r["dice"] for r in rows if r["method"] != "syn"]
