@@ -396,7 +396,11 @@ def fit(
     # here; it caches its products in ``out`` so a resumed run does not redo them, and the checkpoint restores them.
     prepare = getattr(model, "prepare", None)
     if callable(prepare):
-        prepare(data, out=out_dir, device=device, progress=progress and rank == 0)
+        import inspect
+
+        takes_seed = "seed" in inspect.signature(prepare).parameters   # a user's model may predate the argument
+        prepare(data, out=out_dir, device=device, progress=progress and rank == 0,
+                **({"seed": tcfg.seed} if takes_seed else {}))
 
     optimizer = _make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tcfg, total))

@@ -4,7 +4,7 @@
   ``warped(p) = moving(p + ddf(p))``);
 * ``loss(batch) -> dict[str, Tensor]`` with a ``"total"`` key and every paper term by name;
 * ``register(moving, fixed, **options) -> RegistrationResult(ddf, warped, extras)``;
-* optionally ``prepare(data, out, device, progress)``: a stage run once before training.
+* optionally ``prepare(data, out, device, progress, seed)``: a stage run once before training.
 
 The trainer (:mod:`diffreg.train`), the evaluator (:mod:`diffreg.evaluate`) and the benchmark only use this
 interface. Explained in chapter 02 (``notebooks/02_voxelmorph.md``).
@@ -63,7 +63,7 @@ class RegistrationModel(nn.Module):
         raise NotImplementedError
 
     def prepare(self, data: Any, out: Path | None = None, device: torch.device | None = None,
-                progress: bool = False) -> None:
+                progress: bool = False, seed: int = 0) -> None:
         """Work done once before training (called by :func:`diffreg.train.fit` after seeding, before the optimizer
         is built): e.g. train a teacher network or a frozen first stage, or compute data statistics.
 
@@ -73,6 +73,7 @@ class RegistrationModel(nn.Module):
                 them. ``None``: cache nothing.
             device: the training device.
             progress: show progress bars.
+            seed: the training run's seed (:class:`~diffreg.config.TrainConfig` ``seed``), for a stage that trains.
 
         Parameters frozen here are left out of the optimizer. The default does nothing.
         """

@@ -906,9 +906,10 @@ class DiffuseReg(RegistrationModel):
         return self.field_mean.clone(), self.field_std.clone()
 
     def prepare(self, data: Any, out: Path | None = None, device: torch.device | None = None,
-                progress: bool = False) -> None:
+                progress: bool = False, seed: int = 0) -> None:
         """Before training: train the teacher (unless given or already trained; cached under ``out / "teacher"``,
-        a run directory of its own that ``diffreg.train.load_run`` opens) and compute the field statistics.
+        a run directory of its own that ``diffreg.train.load_run`` opens, with the run's ``seed`` for its data
+        order) and compute the field statistics.
 
         With ``use_teacher=False`` (Table 2 row 6) nothing is needed: the statistics stay (0, 1).
         """
@@ -924,6 +925,7 @@ class DiffuseReg(RegistrationModel):
             cfg = MethodConfig(
                 method="voxelmorph", profile="teacher", model=dict(self.teacher_kwargs),
                 train=TrainConfig(steps=self.teacher_steps, lr=self.teacher_lr, batch_size=1, scheduler="constant",
+                                  seed=int(seed),
                                   log_every=50, checkpoint_every=max(1, min(500, self.teacher_steps))),
                 source="DiffuseReg teacher (the paper uses a pre-trained VTN, l. 79)")
             fit(self.teacher, data, cfg, out=None if out is None else Path(out) / "teacher", device=device,

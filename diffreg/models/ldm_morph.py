@@ -814,8 +814,8 @@ class LDMMorph(RegistrationModel):
     # Stage 1 training, cached in the run directory
     # ------------------------------------------------------------------------------------------------------------
     def prepare(self, data: Any, out: Path | None = None, device: torch.device | None = None,
-                progress: bool = False) -> None:
-        """Train (or load) stage 1 and freeze it.
+                progress: bool = False, seed: int = 0) -> None:
+        """Train (or load) stage 1 and freeze it (``seed`` is not used: stage 1 has its own, ``stage1_seed``).
 
         Order: nothing to do if stage 1 is not needed or already ready (e.g. restored from a checkpoint); else load
         ``out/stage1.pt`` if it exists (``torch.load(weights_only=True)``); else train the autoencoder on every

@@ -1,0 +1,171 @@
+"""Every chapter's claims at several seeds and CPU kernel levels: ``claims.csv`` and ``summary.md``.
+
+Each chapter checks what it states about learned results with :class:`diffreg.claims.Claims`. This script executes
+the chapters (quick profile, phantom; through ``pytest`` and nbval, as CI does) once per seed and kernel level with
+``DIFFREG_CLAIMS_MODE=record`` (a failing claim is recorded, not raised, so every later claim is measured too),
+gathers the recorded claims into ``claims.csv`` (chapter, claim, seed, kernel, value, op, threshold, holds,
+margin) and summarises each claim over the runs in ``summary.md`` (min / median / max of the value, the threshold,
+the smallest margin and whether it holds in every run).
+
+Kernel levels (environment of the chapter kernels):
+
+* ``native``: what torch picks on this CPU (``AVX512`` on the machine the record was made on);
+* ``avx2``: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2``, the kernels of a CPU with AVX2 but
+  no AVX-512 (torch's own kernels, oneDNN's JIT and MKL's code path all limited to AVX2).
+
+Usage (resumes: a (kernel, seed) run whose ``done`` file exists is not run again)::
+
+    python benchmarks/claims/run_claims.py --seeds 0 1 2 3 4 --kernels native avx2 --jobs 2
+    python benchmarks/claims/run_claims.py --summarise-only      # re-read the runs, re-check today's thresholds
+
+The summary re-reads each claim's threshold from the chapter's source where it is a number written in the
+``claims.check`` call, so a threshold changed after the runs is checked against the recorded values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+KERNELS = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
+}
+OPS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
+
+
+def chapters() -> list[Path]:
+    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.md"))
+
+
+def run_one(kernel: str, seed: int, chosen: list[Path], work: Path, timeout: float) -> dict:
+    """Execute the chosen chapters once with ``DIFFREG_SEED=seed`` at ``kernel``; returns the run's record."""
+    run = work / kernel / f"seed{seed}"
+    done = run / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
+    env.update(KERNELS[kernel], DIFFREG_SEED=str(seed), DIFFREG_CLAIMS_MODE="record",
+               DIFFREG_CLAIMS_DIR=str(run / "claims"), DIFFREG_RUNS=str(run / "runs"),
+               DIFFREG_EXECUTED=str(run / "executed"), DIFFREG_PROFILE="quick", DIFFREG_DATA="phantom")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-rf", *map(str, chosen)]
+    t0 = time.time()
+    with open(run / "pytest.log", "w") as log:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    text = (run / "pytest.log").read_text(errors="replace")
+    failed = sorted(set(re.findall(r"^FAILED (\S+)", text, flags=re.M)))
+    record = {"kernel": kernel, "seed": seed, "rc": rc, "seconds": round(time.time() - t0, 1), "failed": failed,
+              "chapters": [p.stem for p in chosen]}
+    done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def source_thresholds() -> dict[tuple[str, str], tuple[str, float]]:
+    """(chapter, claim) -> (op, threshold) where the chapter writes the threshold as a number in the call."""
+    out = {}
+    for path in chapters():
+        text = path.read_text()
+        starts = [m.start() for m in re.finditer(r"claims\.check\(", text)] + [len(text)]
+        for a, b in zip(starts, starts[1:]):
+            call = text[a:b]
+            name = re.match(r'claims\.check\(\s*f?"([^"]+)"', call)
+            ops = re.findall(r'"(<=|>=|<|>)"\s*,\s*([-+]?[0-9][0-9_.eE+-]*)\s*[,)]', call)
+            if name and "{" not in name.group(1) and ops:
+                try:
+                    out[(path.stem, name.group(1))] = (ops[0][0], float(ops[0][1].replace("_", "")))
+                except ValueError:
+                    pass
+    return out
+
+
+def gather(work: Path) -> list[dict]:
+    rows = []
+    current = source_thresholds()
+    for f in sorted(work.glob("*/seed*/claims/*.json")):
+        kernel = f.parents[2].name
+        for r in json.loads(f.read_text()):
+            op, thr = current.get((r["chapter"], r["claim"]), (r["op"], r["threshold"]))
+            holds = OPS[op](r["value"], thr) if r["value"] == r["value"] else False
+            margin = r["value"] - thr if op in (">", ">=") else thr - r["value"]
+            rows.append({"chapter": r["chapter"], "claim": r["claim"], "seed": r["seed"], "kernel": kernel,
+                         "torch_kernel": r["kernel"], "value": r["value"], "op": op, "threshold": thr,
+                         "holds": holds, "margin": margin, "note": r.get("note", "")})
+    rows.sort(key=lambda r: (r["chapter"], r["claim"], r["kernel"], r["seed"]))
+    return rows
+
+
+def summarise(rows: list[dict], runs: list[dict]) -> str:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["chapter"], r["claim"]), []).append(r)
+    n_runs = len({(r["kernel"], r["seed"]) for r in rows})
+    lines = ["# Claims of every chapter over seeds and CPU kernel levels", "",
+             "Made by `python benchmarks/claims/run_claims.py` (see its docstring): every chapter executed in the",
+             "quick profile on the phantom, once per (kernel level, seed), with claims recorded and not raised.",
+             f"{n_runs} runs. `margin` is the signed distance of the value to the threshold (positive: holds);",
+             "`min margin` is the worst run. A claim is stated in the book only if it holds in every run.", "",
+             "| chapter | claim | runs | min | median | max | must be | min margin | holds in all |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (ch, name), rs in groups.items():
+        v = [r["value"] for r in rs]
+        lines.append(f"| {ch} | {name} | {len(rs)} | {min(v):.4g} | {statistics.median(v):.4g} | {max(v):.4g} | "
+                     f"{rs[0]['op']} {rs[0]['threshold']:g} | {min(r['margin'] for r in rs):.4g} | "
+                     f"{'yes' if all(r['holds'] for r in rs) else '**no**'} |")
+    lines += ["", "## Runs", "", "| kernel | seed | seconds | exit | failed cells (errors, not claims) |",
+              "|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["kernel"], r["seed"])):
+        lines.append(f"| {r['kernel']} | {r['seed']} | {r['seconds']} | {r['rc']} | {', '.join(r['failed']) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--kernels", nargs="+", default=["native", "avx2"], choices=sorted(KERNELS))
+    ap.add_argument("--chapters", nargs="+", default=None, help="chapter stems (default: every chapter)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (each chapter kernel uses one thread)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/diffreg-claims"), help="runs, logs, executed notebooks")
+    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--timeout", type=float, default=4 * 3600)
+    ap.add_argument("--summarise-only", action="store_true")
+    args = ap.parse_args(argv)
+    chosen = [p for p in chapters() if args.chapters is None or p.stem in args.chapters]
+    if not args.summarise_only:
+        jobs = [(k, s) for s in args.seeds for k in args.kernels]
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for rec in pool.map(lambda ks: run_one(ks[0], ks[1], chosen, args.work, args.timeout), jobs):
+                print(f"{rec['kernel']} seed {rec['seed']}: exit {rec['rc']}, {rec['seconds']} s, failed {rec['failed']}",
+                      flush=True)
+    runs = [json.loads(f.read_text()) for f in sorted(args.work.glob("*/seed*/done.json"))]
+    rows = gather(args.work)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "claims.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["chapter", "claim", "seed", "kernel", "torch_kernel", "value", "op",
+                                          "threshold", "holds", "margin", "note"])
+        w.writeheader()
+        w.writerows(rows)
+    (args.out / "summary.md").write_text(summarise(rows, runs))
+    bad = sorted({(r["chapter"], r["claim"]) for r in rows if not r["holds"]})
+    print(f"{len(rows)} claim values from {len(runs)} runs; claims failing somewhere: {len(bad)}")
+    for ch, name in bad:
+        print(f"  {ch}: {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
