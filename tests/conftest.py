@@ -39,6 +39,25 @@ test_device.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture
+def seed() -> int:
+    """The seed of the tests that assert a learning effect: ``DIFFREG_SEED`` (default 0). Such a test must pass at
+    every seed (``benchmarks/claims/run_claims.py --tests`` records its figure at five seeds and two CPU kernel
+    levels)."""
+    from diffreg.claims import chapter_seed
+
+    return chapter_seed()
+
+
+@pytest.fixture
+def claims(request, seed):
+    """A :class:`diffreg.claims.Claims` for one test: ``claims.check`` asserts and, under the claims benchmark,
+    records the figure (``DIFFREG_CLAIMS_DIR``)."""
+    from diffreg.claims import Claims
+
+    return Claims(f"{request.module.__name__.rsplit('.', 1)[-1]}.{request.node.name}", seed)
+
+
+@pytest.fixture
 def device() -> torch.device:
     """The device the test runs on (``DIFFREG_TEST_DEVICE``, default ``cpu``)."""
     return test_device()

@@ -249,9 +249,9 @@ def test_labels_stay_in_label_set_and_pairs():
         model.register(image, image)
 
 
-def test_training_reduces_the_recovery_loss():
+def test_training_reduces_the_recovery_loss(seed, claims):
     # a few dozen steps of the trainer on blob images: the held-out eq. 14 distance loss must drop
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = DRDM(**SMALL)
     data = ShiftedBlobs(n=8, size=(32, 32))
     images = torch.stack([data[i]["fixed"] for i in range(4)])
@@ -264,11 +264,12 @@ def test_training_reduces_the_recovery_loss():
     before = held_out()
     cfg = get_config("drdm", "quick")
     cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.log_every = 60, 2, 2e-3, 30
+    cfg.train.seed = seed
     rows = fit(model, data, cfg, progress=False)
     after = held_out()
     print(f"held-out L_dist {before:.3f} -> {after:.3f}")
     assert len(rows) == 2 and all(math.isfinite(r["total"]) for r in rows)
-    assert after < 0.9 * before
+    claims.check("held_out_distance_ratio", after / before, "<", 0.9, "training lowers the held-out eq. 14 loss")
 
 
 def test_build_and_config():

@@ -79,14 +79,15 @@ def test_diffeomorphic_variant_removes_folds_of_a_large_field():
     assert folds_diff < 0.2 * folds_plain
 
 
-def test_voxelmorph_learns_translations_on_held_out_pairs():
-    torch.manual_seed(0)
+def test_voxelmorph_learns_translations_on_held_out_pairs(seed, claims):
+    torch.manual_seed(seed)
     train, test = ShiftedBlobs(16, seed=0), ShiftedBlobs(6, seed=1)
     model = VoxelMorph(dims=2, smooth_weight=0.1)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    # 250 steps: with the padding-free NCC the flat tails of the blobs (windows whose variance is under the
-    # relative floor of diffreg.losses.NCC_EPS) give no signal, so it takes longer than with zero padding (150)
-    for step in range(250):
+    # lr 1e-3 for 400 steps: at 2e-3 for 250 steps the held-out error ratio ranged 0.30-0.88 over seeds and CPU
+    # kernel levels (the trajectory is chaotic at that rate); at 1e-3 for 400 steps it stays within 0.26-0.38
+    # (benchmarks/claims/summary.md, "unit tests")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(400):
         b = train[step % len(train)]
         loss = model.loss({"moving": b["moving"][None], "fixed": b["fixed"][None]})["total"]
         opt.zero_grad()
@@ -102,7 +103,7 @@ def test_voxelmorph_learns_translations_on_held_out_pairs():
 
     before = err(lambda b: torch.zeros(1, 2, 32, 32))
     after = err(lambda b: model(b["moving"][None], b["fixed"][None]).detach())
-    assert after < 0.6 * before
+    claims.check("held_out_error_ratio", after / before, "<", 0.6, "learned fields reduce the held-out image error")
 
 
 def test_loss_is_computed_in_float32_under_autocast():
