@@ -108,10 +108,13 @@ def ncc_map(a: Tensor, b: Tensor, window: int = 9) -> Tensor:
     ``-cc``) and VoxelMorph's ``NCC``, up to the stabiliser (VoxelMorph adds 1e-5 to ``var_a * var_b`` in sum units,
     MONAI clamps each variance at 1e-5). At the border those **zero-pad**: windows see zeros outside the image, so
     for images whose background is -1 every border window sees an artificial edge that is the same in both images
-    and scores ``cc`` near 1 for any pair (offsets change the value). The official codes of the papers compute NCC
-    on [0, 1] images, where the zero padding resembles the background; this map drops the padding instead, which
-    agrees with them wherever the background is 0 and the window is not clipped, and has no border band for any
-    intensity range.
+    and scores ``cc`` near 1 for any pair (offsets change the value). VoxelMorph's official code works on [0, 1]
+    images, where the zero padding resembles the background. The official ``crossCorrelation3D`` of DiffuseMorph
+    and FSDiffReg takes images in [-1, 1] and rescales only the fixed image (``target``) to [0, 1], leaving the
+    warped moving image in [-1, 1] (a one-sided shift): the padding then resembles the fixed image's background
+    but sits mid-range for the warped image, so border windows see a step in the warped image only. This map drops
+    the padding instead: it agrees with all of them wherever the window is not clipped (up to the stabiliser), and
+    has no border band for any intensity range.
 
     Explained in chapter 01.
 

@@ -36,8 +36,12 @@ def float32(fn):
     Under mixed precision (``torch.autocast`` with bfloat16/float16) the network's outputs are half precision.
     Displacements, warps and local statistics such as NCC's windowed variances lose too much precision there (NCC in
     bfloat16 diverges to values of -1e9), so every function of :mod:`diffreg.spatial` and :mod:`diffreg.losses`
-    casts its floating-point tensor arguments to float32 and computes outside autocast. Integer tensors (label maps)
-    are left as they are.
+    casts its floating-point tensor arguments to float32 and computes outside autocast. The cast is unconditional:
+    a half-precision tensor passed without autocast (e.g. from a model cast with ``.to(torch.bfloat16)``) is
+    upcast too. float64 tensors stay float64 and integer tensors (label maps) are left as they are.
+
+    Output dtype: the function's results are therefore float32 for half-precision or float32 floating inputs (float64
+    where the inputs are float64); they are not cast back to the input's half precision.
     """
     import functools
 
@@ -46,11 +50,13 @@ def float32(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        args = [cast(a) for a in args]
+        kwargs = {k: cast(v) for k, v in kwargs.items()}
         device_type = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
         if not torch.is_autocast_enabled(device_type):
             return fn(*args, **kwargs)
         with torch.autocast(device_type=device_type, enabled=False):
-            return fn(*[cast(a) for a in args], **{k: cast(v) for k, v in kwargs.items()})
+            return fn(*args, **kwargs)
 
     return wrapper
 

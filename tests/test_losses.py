@@ -148,6 +148,25 @@ def test_ncc_gradients_flow():
     assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
 
 
+def test_ncc_of_bfloat16_inputs_without_autocast_is_computed_in_float32():
+    # A bfloat16 tensor passed without autocast (e.g. from a model cast to bfloat16) must be upcast by the
+    # @float32 decorator too: the window statistics in bfloat16 cancel catastrophically.
+    a = image((48, 48)).float()
+    b = a + 0.3 * image((48, 48), seed=10).float()
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    assert not torch.is_autocast_enabled("cpu")
+    score16 = ncc(a16, b16, 9)
+    assert score16.dtype == torch.float32 and ncc_map(a16, b16, 9).dtype == torch.float32
+    # exactly the float32 computation on the bfloat16-rounded values, and close to the float32 inputs' value
+    torch.testing.assert_close(score16, ncc(a16.float(), b16.float(), 9), rtol=0, atol=1e-6)
+    torch.testing.assert_close(score16, ncc(a, b, 9), rtol=0, atol=1e-3)
+    torch.testing.assert_close(ncc_map(a16, b16, 9), ncc_map(a, b, 9), rtol=0, atol=1e-2)
+    # without the cast (the undecorated function, all in bfloat16) the map is far off
+    pure = ncc_map.__wrapped__(a16, b16, 9)
+    assert pure.dtype == torch.bfloat16
+    assert (pure.float() - ncc_map(a, b, 9)).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("shape", [(20, 20), (12, 12, 12)])
 def test_ssim(shape):
     a = image(shape)

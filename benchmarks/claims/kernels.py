@@ -24,11 +24,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SETTINGS = {
     "native (torch's choice)": {},
-    "ATEN_CPU_CAPABILITY=avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
     "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
     "ONEDNN_MAX_CPU_ISA=AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
     "MKL_CBWR=AVX2": {"MKL_CBWR": "AVX2"},
-    "MKL_CBWR=COMPATIBLE": {"MKL_CBWR": "COMPATIBLE"},
     "all three at AVX2 (an AVX2-only CPU)": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                                              "MKL_CBWR": "AVX2"},
     "default + SSE41 + COMPATIBLE (lowest common)": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",

@@ -61,10 +61,14 @@ Deviations and choices (each also in the box of chapter 04):
   (7 % fewer). The flow layer keeps VoxelMorph's N(0, 1e-5) initialisation (the official code initialises both
   networks with its own normal / orthogonal schemes).
 * **Local NCC at the image border.** :func:`diffreg.losses.ncc_map` computes each window's statistics over the
-  voxels inside the image only; the official code (like MONAI's LNCC and VoxelMorph's ``NCC``) zero-pads. The
-  official code computes NCC on [0, 1] images, where the padding looks like background: in the interior both give
-  the same values, and ours stays invariant to affine intensity changes at the border too, with no artificial
-  border band for our images in [-1, 1].
+  voxels inside the image only; the official ``crossCorrelation3D`` (like MONAI's LNCC and VoxelMorph's ``NCC``)
+  zero-pads. The official images are in [-1, 1], and its loss rescales only the fixed image (``target``) to
+  [0, 1]; the warped moving image stays in [-1, 1] (a one-sided shift). In the interior this changes nothing (NCC
+  is invariant to the affine rescaling, up to its 1e-5 stabiliser), but in the border band (within ``window // 2``
+  voxels of the edge) the zero padding continues the fixed image at the bottom of its range and the warped image
+  at the middle of its range, so those windows see a step in the warped image that the fixed image does not have.
+  Ours gives the same values in the interior, and at the border is exactly invariant to affine intensity changes of
+  either image, with no artificial border band for any intensity range.
 * **The 2D ``paper`` profile is not a paper experiment.** The paper's 2D experiment registers faces (RaFD,
   ``lambda = 2``, lr 5e-6, 40 epochs); it has no 2D cardiac experiment. ``get_config("diffusemorph", "paper",
   dims=2)`` combines the 3D network widths with those face hyper-parameters and applies them to 2D cardiac slices

@@ -96,17 +96,19 @@ Deviations and choices (each also in the box of chapter 06):
   squared error of ``phi0_hat`` against the teacher field. Why (chapter 06, "Why the samples fold", and
   ``benchmarks/diffusereg_diagnosis``): with the paper's direct noise prediction a short CPU training leaves
   ``eps_hat`` inaccurate near ``t = T``, where eq. 3 amplifies its error by ``1 / sqrt(abar_t)`` (~180), and the
-  samples from pure noise diverged (mean displacement 20-40 voxels, Dice 0.1; measured during development,
-  2026-11). Predicting ``v`` instead (``parameterization="v"``, ``diffusion_weighting="v"``, the former ``quick``
-  setting) fixes the divergence but not the roughness: near ``t = 0`` the final field is ``phi_t`` minus a small
-  correction, so the noise the sampler leaves at intermediate steps stays in it, and the samples fold more with
-  every sampler step (7 % of the pixels at DDIM 20, 10 % with all 200 steps). With ``x0`` the final field is the
-  network's own estimate, which is as smooth as the teacher's fields it was trained on (folding about 0.01 %, not
-  growing with the steps). The ``paper`` profile keeps eq. 3-4 as written
+  samples from pure noise are poor (``benchmarks/diffusereg_diagnosis/samplers.csv``, 1000 training steps, 8
+  held-out pairs at Dice 0.711 before registration: Dice 0.316 with 50 % of the pixels folding at DDIM 20, 0.468
+  with DDPM over all 200 steps). Predicting ``v`` instead (``parameterization="v"``, ``diffusion_weighting="v"``,
+  the former ``quick`` setting) fixes that but not the roughness: near ``t = 0`` the final field is ``phi_t`` minus
+  a small correction, so the noise the sampler leaves at intermediate steps stays in it, and the samples fold more with
+  every sampler step (recorded: 6.9 % of the pixels at DDIM 20, 8.3 % with DDPM over all 200 steps). With ``x0``
+  the final field is the network's own estimate and folds on 0.01-0.04 % of the pixels, with no trend in the
+  number of steps (recorded, same file). The ``paper`` profile keeps eq. 3-4 as written
   (``"eps"``, ``"none"``). An alternative, ``consistency_weighting="abar"`` (the consistency terms weighted by
   ``abar_t``), is available but not used. ``quick`` also uses ``T = 200`` steps (betas 1e-5 ... 0.1, the paper's
-  end-point noise level ``abar_T ~ e^-10``), a denoiser of feature size 8 (about 0.8 M parameters instead of 411 M),
-  1000 training steps at lr 2e-3 and a teacher VoxelMorph of 1000 steps (:mod:`diffreg.config`).
+  end-point noise level ``abar_T ~ e^-10``), a denoiser of feature size 8 (0.80 M parameters in 2D, 1.85 M in 3D,
+  instead of the ``paper`` profile's 411 M in 3D; ``build(...).num_parameters()``), 1000 training steps at lr 2e-3
+  and a teacher VoxelMorph of 1000 steps in 2D (:mod:`diffreg.config`).
 * Guidance (never released): one explicit gradient step on ``phi0_hat`` (in voxels) per sampling step, the noise
   estimate re-derived from the guided ``phi0_hat`` (like ``clip_x0`` in :mod:`diffreg.diffusion`); the paper
   names a "classifier-guided diffusion scheme" without details.

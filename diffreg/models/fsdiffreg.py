@@ -83,9 +83,13 @@ Deviations (each also in the box of chapter 05):
   against the official 1,320,471 (+0.8 %).
 * **Local NCC at the image border** (the NCC map that SDG weights, eq. 4): :func:`diffreg.losses.ncc_map` computes
   each window's statistics over the voxels inside the image only; the official ``crossCorrelation3D`` zero-pads. The
-  official code computes NCC on [0, 1] images, where the padding looks like background: in the interior both give
-  the same values, and ours stays invariant to affine intensity changes at the border too, with no artificial
-  border band for our images in [-1, 1].
+  official images are in [-1, 1], and its loss rescales only the fixed image (``target``) to [0, 1]; the warped
+  moving image stays in [-1, 1] (a one-sided shift). In the interior this changes nothing (NCC is invariant to the
+  affine rescaling, up to its 1e-5 stabiliser), but in the border band (within ``window // 2`` voxels of the edge)
+  the zero padding continues the fixed image at the bottom of its range and the warped image at the middle of its
+  range, so those windows see a step in the warped image that the fixed image does not have. Ours gives the same
+  values in the interior, and at the border is exactly invariant to affine intensity changes of either image, with
+  no artificial border band for any intensity range.
 * ``fdg=False`` is our reading of "without FDG" (see the ablation switches above); the SDG weight is not detached,
   as in the official code (the paper does not say; see above).
 * The loss weights are read from the configuration (the official code hard-codes 20 and 20).
