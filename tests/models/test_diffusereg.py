@@ -435,6 +435,10 @@ def test_denoiser_error_per_timestep_against_analytic_answers():
     for r in rows:  # the oracle knows phi_0: no error at any noise level
         assert r["eps_mse"] < 1e-8 and r["x0_rmse"] < 1e-4
         assert r["x0_hf"] == pytest.approx(r["teacher_hf"], rel=1e-4)
+        assert r["x0_sensitivity"] < 1e-4       # ... and its estimate ignores the noisy field
+        # the mean-field baseline: RMS of the teacher's field about the mean field, in voxels, whatever t
+        mean = model.denormalize(torch.zeros_like(phi0))
+        assert r["x0_rmse_mean_field"] == pytest.approx(float(((phi0 - mean) ** 2).mean().sqrt()), rel=1e-4)
     trivial = [r["x0_rmse_trivial"] for r in rows]
     assert trivial == sorted(trivial) and trivial[0] < 0.1 < trivial[-1]  # rescaling the noisy field: worse with t
     # a predictor of zeros: eps_mse = E[eps^2] ~ 1 and its phi0_hat is exactly the trivial estimate
@@ -445,6 +449,7 @@ def test_denoiser_error_per_timestep_against_analytic_answers():
         assert r["x0_rmse"] == pytest.approx(r["x0_rmse_trivial"], rel=1e-5)
         # x0_hat - x0 = sqrt((1 - abar) / abar) eps, in voxels (std 1 and 2 per axis): RMS sqrt(2.5 (1 - abar) / abar)
         assert r["x0_rmse"] == pytest.approx(math.sqrt(2.5 * (1 - r["abar"]) / r["abar"]), rel=0.1)
+        assert r["x0_sensitivity"] == pytest.approx(1.0, rel=1e-4)   # it passes every change of phi_t on
     with pytest.raises(ValueError, match="timesteps"):
         denoiser_error_per_timestep(model, m, f, timesteps=[50])
     default = [r["t"] for r in denoiser_error_per_timestep(model, m, f)]  # 20 levels spread over 0 ... T - 1
