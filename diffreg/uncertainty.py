@@ -10,6 +10,12 @@ fields into per-voxel statistics and asks whether their spread predicts the erro
   ``det J`` across samples and the per-voxel probability of folding;
 * :func:`calibration`: Spearman correlation of spread and error, a binned calibration curve and the expected
   calibration error (ECE, voxels);
+* :func:`leave_one_out`: the reference a calibration curve needs: each sample in turn as the "truth" of the others,
+  which is what a *perfectly* calibrated model looks like through the same binning (binning on a spread estimated
+  from few samples tilts the curve by itself);
+* :func:`coverage` and :func:`calibrated_coverage`: the fraction of voxels whose error is within ``k`` predicted
+  errors, against the value a calibrated Gaussian gives; :func:`calibrated_mean_error`: the mean error that a mean
+  spread predicts;
 * :func:`mean_vs_single`: does the mean of the samples register better than one sample?
 * :func:`spread_columns`: the per-case columns ``python -m diffreg evaluate --option samples=N`` adds.
 
@@ -29,7 +35,7 @@ from torch import Tensor
 from diffreg import metrics
 
 __all__ = ["sample_fields", "ensemble_fields", "field_statistics", "endpoint_error_map", "calibration", "mean_vs_single",
-           "spread_columns"]
+           "spread_columns", "leave_one_out", "coverage", "calibrated_coverage", "calibrated_mean_error"]
 
 
 @torch.no_grad()
@@ -229,6 +235,96 @@ def calibration(spread: Tensor | np.ndarray, error: Tensor | np.ndarray, bins: i
         res = spearmanr(s, e)
         rho, p = float(res[0]), float(res[1])
     return {"spearman": rho, "spearman_p": p, "ece": float(ece), "curve": curve, "voxels": int(s.size)}
+
+
+def leave_one_out(fields: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sample in turn as the truth of the others: the spread and error a perfectly calibrated model would give.
+
+    For ``j = 1..n`` the other ``n - 1`` samples give a mean and a spread (:func:`field_statistics`), and the error
+    is the distance of their mean to sample ``j``. If the samples are exchangeable draws, sample ``j`` is exactly
+    "one more draw", which is what calibration asks of the truth; passing these to :func:`calibration` (with
+    ``n_samples = n - 1``) or :func:`coverage` shows what the curve of a calibrated model looks like at this number of
+    samples. With few samples the spread of a voxel is itself a noisy estimate, so binning voxels by it puts the voxels
+    whose spread came out low by chance in the low bins (observed above predicted there) and the reverse in the top
+    bins: a tilt that is an artefact of the estimate, not a property of the model. Explained in chapter 11.
+
+    Args:
+        fields: ``(n, B, ndim, *spatial)``, ``n >= 3``.
+
+    Returns:
+        ``(spread, error)``, each ``(n, B, *spatial)`` (voxels), pooled over the ``n`` choices of the held-out sample.
+
+    Raises:
+        ValueError: on a bad shape or fewer than 3 samples.
+    """
+    fields = _check_fields(fields).float()
+    n = fields.shape[0]
+    if n < 3:
+        raise ValueError(f"leave_one_out needs at least 3 samples (2 left to estimate a spread), got {n}")
+    spreads, errors = [], []
+    for j in range(n):
+        rest = torch.cat([fields[:j], fields[j + 1:]])
+        spreads.append(rest.var(0, correction=1).sum(1).sqrt())
+        errors.append(endpoint_error_map(rest.mean(0), fields[j]))
+    return torch.stack(spreads), torch.stack(errors)
+
+
+def calibrated_coverage(k: float | np.ndarray, dims: int) -> float | np.ndarray:
+    """``P(e <= k * predicted)`` for a calibrated isotropic Gaussian: the reference of :func:`coverage`.
+
+    With per-component variance ``sigma^2`` the spread is ``s = sqrt(dims) sigma`` and the error of the mean of ``n``
+    samples against one more draw has per-component variance ``sigma^2 (1 + 1/n)``; with the predicted error
+    ``s sqrt(1 + 1/n)``, ``e^2 / (sigma^2 (1 + 1/n))`` is chi-square with ``dims`` degrees of freedom, so the
+    coverage is ``chi2.cdf(dims k^2, dims)``: ``1 - exp(-k^2)`` in 2D.
+    """
+    from scipy.stats import chi2
+
+    k = np.asarray(k, dtype=float)
+    out = chi2.cdf(dims * k ** 2, dims)
+    return float(out) if out.ndim == 0 else out
+
+
+def calibrated_mean_error(mean_spread: float, dims: int, n_samples: int | None = None) -> float:
+    """The mean end-point error that a calibrated isotropic Gaussian with spread ``mean_spread`` predicts.
+
+    ``E[e] = sigma sqrt(2) Gamma((d + 1) / 2) / Gamma(d / 2) sqrt(1 + 1/n)`` with ``sigma = s / sqrt(d)``: in 2D
+    ``(sqrt(pi) / 2) s sqrt(1 + 1/n)``, about ``0.886 s`` for large ``n``. Comparing a mean spread with a mean error
+    needs this factor (the spread is an RMS, the error's mean is not). Without ``n_samples``: ``n`` infinite.
+    """
+    factor = math.sqrt(2.0 / dims) * math.exp(math.lgamma((dims + 1) / 2) - math.lgamma(dims / 2))
+    return float(mean_spread) * factor * (math.sqrt(1.0 + 1.0 / n_samples) if n_samples else 1.0)
+
+
+def coverage(spread: Tensor | np.ndarray, error: Tensor | np.ndarray, ks: Sequence[float],
+             n_samples: int | None = None, mask: Tensor | np.ndarray | None = None) -> np.ndarray:
+    """Fraction of voxels whose error is at most ``k`` times the predicted error, for each ``k`` in ``ks``.
+
+    The predicted error of a voxel is its spread times ``sqrt(1 + 1/n_samples)`` (see :func:`field_statistics`).
+    Compare with :func:`calibrated_coverage`: below it, errors exceed what the spread promises (overconfident).
+    Unlike the binned curve of :func:`calibration`, no voxel is sorted by its own noisy spread. Explained in
+    chapter 11.
+
+    Args:
+        spread, error: per-voxel spread and end-point error (voxels), same shape.
+        ks: multiples of the predicted error.
+        n_samples: the number of samples behind the spread (``None``: no ``sqrt(1 + 1/n)`` factor).
+        mask: optional boolean map of the voxels to use, broadcastable to ``spread``.
+
+    Returns:
+        ``(len(ks),)`` array of fractions in ``[0, 1]``.
+    """
+    s = torch.as_tensor(spread).detach().double().cpu()
+    e = torch.as_tensor(error).detach().double().cpu()
+    if s.shape != e.shape:
+        raise ValueError(f"spread {tuple(s.shape)} and error {tuple(e.shape)} must have the same shape")
+    if mask is not None:
+        m = torch.as_tensor(mask).detach().bool().cpu().expand_as(s)
+        s, e = s[m], e[m]
+    s, e = s.flatten().numpy(), e.flatten().numpy()
+    if s.size == 0:
+        raise ValueError("no voxels to measure")
+    pred = s * (math.sqrt(1.0 + 1.0 / n_samples) if n_samples else 1.0)
+    return np.array([float(np.mean(e <= float(k) * pred)) for k in ks])
 
 
 def mean_vs_single(fields: Tensor, true_ddf: Tensor | None = None, moving_label: Tensor | None = None,

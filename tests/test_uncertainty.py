@@ -257,3 +257,42 @@ def test_cli_evaluate_samples_writes_the_spread_columns(tmp_path, capsys):
     assert float(row["samples"]) == 3 and float(row["spread_mean"]) > 0
     assert -1 <= float(row["spearman_spread_error"]) <= 1 and float(row["ece_spread"]) >= 0
     assert "spread_mean" in capsys.readouterr().out
+
+
+def test_leave_one_out_and_coverage_of_a_calibrated_gaussian():
+    """Known answers: samples and truth drawn from one isotropic Gaussian per voxel are calibrated. Coverage then
+    follows chi2 (1 - exp(-k^2) in 2D) for the truth and for the leave-one-out pseudo-truth alike, the mean error is
+    (sqrt(pi)/2) s sqrt(1 + 1/n), and the binned curve of a 5-sample spread is tilted (low bins above the diagonal,
+    top bins below) although nothing is miscalibrated."""
+    import math
+
+    from diffreg.uncertainty import (calibrated_coverage, calibrated_mean_error, calibration, coverage,
+                                     field_statistics, leave_one_out)
+
+    g = torch.Generator().manual_seed(0)
+    n, size = 5, (64, 64)
+    sigma = 0.2 + 1.8 * torch.rand(1, 1, *size, generator=g)           # a different scale at every voxel
+    fields = torch.randn(n, 1, 2, *size, generator=g) * sigma
+    truth = torch.randn(1, 2, *size, generator=g) * sigma
+    st = field_statistics(fields)
+    err = (st["mean"] - truth).pow(2).sum(1).sqrt()
+    ks = [0.5, 1.0, 1.5]
+    ref = calibrated_coverage(np.array(ks), dims=2)
+    assert ref == pytest.approx([1 - math.exp(-k * k) for k in ks])
+    # with the true sigma the coverage is exact (up to sampling); with the estimated spread it is close
+    exact = coverage(sigma[:, 0] * math.sqrt(2), err, ks, n_samples=n)
+    assert exact == pytest.approx(ref, abs=0.02)
+    spread_loo, err_loo = leave_one_out(fields)
+    assert spread_loo.shape == (n, 1, *size) and err_loo.shape == (n, 1, *size)
+    # leave-one-out of calibrated samples covers like the truth itself does
+    assert coverage(spread_loo, err_loo, ks, n_samples=n - 1) == pytest.approx(
+        coverage(st["spread"], err, ks, n_samples=n), abs=0.03)
+    # mean error against the mean spread: (sqrt(pi) / 2) sqrt(1 + 1/n) with the true scale
+    mean_s = float((sigma * math.sqrt(2)).mean())
+    assert calibrated_mean_error(mean_s, 2, n) == pytest.approx(mean_s * math.sqrt(math.pi) / 2 * math.sqrt(1.2))
+    assert float(err.mean()) == pytest.approx(calibrated_mean_error(mean_s, 2, n), rel=0.03)
+    # the binning artefact: sorted by a 5-sample spread, a calibrated model's curve is tilted
+    curve = calibration(st["spread"], err, bins=10, n_samples=n)["curve"]
+    assert curve[0]["observed"] > 1.2 * curve[0]["predicted"] and curve[-1]["observed"] < curve[-1]["predicted"]
+    with pytest.raises(ValueError, match="at least 3"):
+        leave_one_out(fields[:2])
