@@ -30,6 +30,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,10 @@ def run_one(kernel: str, seed: int, chosen: list, work: Path, timeout: float, ta
     if done.is_file():
         return json.loads(done.read_text())
     run.mkdir(parents=True, exist_ok=True)
+    base_runs = work / kernel / f"seed{seed}" / "runs"
+    if tag and tag != "-unit" and base_runs.is_dir() and not (run / "runs").exists():
+        # a re-run of some chapters starts from the training runs of the full run (same kernel and seed)
+        shutil.copytree(base_runs, run / "runs")
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
     env.update(KERNELS[kernel], DIFFREG_SEED=str(seed), DIFFREG_CLAIMS_MODE="record",
                DIFFREG_CLAIMS_DIR=str(run / "claims"), DIFFREG_RUNS=str(run / "runs"),
@@ -103,7 +108,12 @@ def source_thresholds() -> dict[tuple[str, str], tuple[str, float]]:
 def gather(work: Path) -> list[dict]:
     rows = []
     current = source_thresholds()
-    for f in sorted(work.glob("*/seed*/claims/*.json")):
+    files = {}
+    for f in sorted(work.glob("*/seed*/claims/*.json")):   # seed<s>-<tag> sorts after seed<s>: re-runs win
+        run = f.parents[1].name
+        base = run if run.endswith("-unit") else run.split("-")[0]
+        files[(f.parents[2].name, base, f.stem)] = f
+    for f in files.values():
         kernel = f.parents[2].name
         for r in json.loads(f.read_text()):
             op, thr = current.get((r["chapter"], r["claim"]), (r["op"], r["threshold"]))
@@ -171,11 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     ap.add_argument("--summarise-only", action="store_true")
     ap.add_argument("--tests", action="store_true", help="run the unit tests that assert learning instead of chapters")
+    ap.add_argument("--tag", default="", help="a re-run of --chapters in <kernel>/seed<s><tag>/, starting from the "
+                    "full run's training runs; its claims replace that run's for those chapters")
     args = ap.parse_args(argv)
     chosen = [p for p in chapters() if args.chapters is None or p.stem in args.chapters]
     if not args.summarise_only:
         jobs = [(k, s) for s in args.seeds for k in args.kernels]
-        targets, tag = (UNIT_TESTS, "-unit") if args.tests else (chosen, "")
+        targets, tag = (UNIT_TESTS, "-unit") if args.tests else (chosen, args.tag)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for rec in pool.map(lambda ks: run_one(ks[0], ks[1], targets, args.work, args.timeout, tag), jobs):
                 print(f"{rec['kernel']} seed {rec['seed']}: exit {rec['rc']}, {rec['seconds']} s, failed {rec['failed']}",
