@@ -16,9 +16,13 @@ Causes measured:
 * what the diffusion branch adds: DiffuseMorph trained without its diffusion loss, FSDiffReg without FDG and SDG;
 * DiffuseReg's teacher: the teacher's own Dice beside the student's, and the student of a teacher trained 3x longer.
 
-Usage (about 15 minutes on one CPU thread)::
+Usage (about 15 minutes per seed on one CPU thread)::
 
-    python benchmarks/investigate_equal_budget.py --pairs 600 --out benchmarks/investigation
+    python benchmarks/investigate_equal_budget.py --pairs 600 --seeds 0 1 2 --out benchmarks/investigation
+
+Every row records its seed and the commit it ran at; one invocation writes the whole table (rows of an earlier
+invocation are never merged in, so a table never mixes runs of different code). The NCC question has its own study
+at several seeds, ``benchmarks/ncc_border/study.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import contextlib
 import datetime
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,7 +40,7 @@ import torch
 from diffreg import losses
 from diffreg.config import get_config
 from diffreg.data import open_configured
-from diffreg.evaluate import Table, evaluate, read_csv
+from diffreg.evaluate import Table, evaluate
 from diffreg.models import build
 from diffreg.models.diffusemorph import DiffuseMorph
 from diffreg.train import fit, seed_everything
@@ -93,11 +98,21 @@ VARIANTS = [
 ]
 
 
-def run(pairs: int, out: Path, limit: int, only: list[str] | None) -> Table:
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(pairs: int, out: Path, limit: int, only: list[str] | None, seeds: list[int] = (0,)) -> Table:
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     rows = Table()
-    for cause, name, method, model_changes, train_changes in VARIANTS:
+    sha = _commit()
+    for seed, (cause, name, method, model_changes, train_changes) in (
+            (s, v) for s in seeds for v in VARIANTS):
         if only and not any(o.lower() in name.lower() for o in only):
             continue
         base = "diffusemorph" if method == "diffusemorph-nodiff" else method
@@ -106,6 +121,7 @@ def run(pairs: int, out: Path, limit: int, only: list[str] | None) -> Table:
         for k, v in train_changes.items():
             setattr(cfg.train, k, v)
         cfg.train.steps, cfg.train.epochs = -(-pairs // cfg.train.batch_size), None
+        cfg.train.seed = int(seed)
         train = open_configured("phantom", "train", cfg.data, "quick")
         test = open_configured("phantom", "test", cfg.data, "quick")
         seed_everything(cfg.train.seed)
@@ -116,7 +132,8 @@ def run(pairs: int, out: Path, limit: int, only: list[str] | None) -> Table:
         seconds = time.perf_counter() - t0
         options = {"sampler": "ddim", "steps": 20} if base == "diffusereg" else {}
         table = evaluate(model, test, device="cpu", limit=limit, **options)
-        row = {"cause": cause, "variant": name, "pairs": cfg.train.steps * cfg.train.batch_size,
+        row = {"cause": cause, "variant": name, "seed": int(seed), "commit": sha,
+               "pairs": cfg.train.steps * cfg.train.batch_size,
                "dice_initial": table.mean("dice_initial"), "dice": table.mean("dice"),
                "dice_sd": table.std("dice"), "folding_percent": table.mean("folding_percent"),
                "train_seconds": seconds}
@@ -126,18 +143,13 @@ def run(pairs: int, out: Path, limit: int, only: list[str] | None) -> Table:
         rows.append(row)
         print(f"{name:55s} dice {row['dice']:.3f} (initial {row['dice_initial']:.3f}) in {seconds:.0f} s",
               flush=True)
-    if (out / "results.csv").is_file():  # keep the variants of earlier runs that were not re-run
-        done = {r["variant"] for r in rows}
-        earlier = [r for r in read_csv(out / "results.csv") if r["variant"] not in done]
-        order = [v[1] for v in VARIANTS]
-        rows = Table(sorted(earlier + list(rows),
-                            key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order)))
     rows.to_csv(out / "results.csv")
-    header = (f"# Equal-budget investigation\n\n{pairs} training pairs per variant (quick profile, phantom, seed 0), "
+    header = (f"# Equal-budget investigation\n\n{pairs} training pairs per variant (quick profile, phantom, seeds "
+              f"{', '.join(map(str, seeds))}, commit {sha}), "
               f"evaluated on the first {limit} held-out test pairs. Recorded {datetime.date.today().isoformat()} on "
               f"{platform.processor() or platform.machine()} (CPU, 1 thread), torch {torch.__version__}; "
               f"`train_seconds` is the training time of each variant.\n\nCommand: `python benchmarks/investigate_equal_budget.py "
-              f"--pairs {pairs} --limit {limit} --out {out}`\n\n")
+              f"--pairs {pairs} --limit {limit} --seeds {' '.join(map(str, seeds))} --out {out}`\n\n")
     (out / "summary.md").write_text(header + rows.to_markdown() + "\n")
     return rows
 
@@ -147,9 +159,11 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=600, help="training pairs per variant")
     p.add_argument("--limit", type=int, default=8, help="held-out test pairs")
     p.add_argument("--out", type=Path, default=Path("benchmarks/investigation"))
-    p.add_argument("--only", nargs="*", default=None, help="run only the variants whose name contains one of these")
+    p.add_argument("--only", nargs="*", default=None, help="run only the variants whose name contains one of these "
+                   "(the table then holds only those: write it to another --out)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; every variant runs at each")
     a = p.parse_args()
-    run(a.pairs, a.out, a.limit, a.only)
+    run(a.pairs, a.out, a.limit, a.only, a.seeds)
 
 
 if __name__ == "__main__":
