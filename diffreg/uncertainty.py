@@ -172,6 +172,20 @@ def endpoint_error_map(ddf: Tensor, true_ddf: Tensor) -> Tensor:
     return (ddf.float() - true_ddf.float().to(ddf.device)).pow(2).sum(1).sqrt()
 
 
+def _voxels(spread, error, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """Spread and error as flat float64 arrays of the (masked) voxels where both are finite."""
+    s = torch.as_tensor(spread).detach().double().cpu()
+    e = torch.as_tensor(error).detach().double().cpu()
+    if s.shape != e.shape:
+        raise ValueError(f"spread {tuple(s.shape)} and error {tuple(e.shape)} must have the same shape")
+    if mask is not None:
+        m = torch.as_tensor(mask).detach().bool().cpu().expand_as(s)
+        s, e = s[m], e[m]
+    s, e = s.flatten().numpy(), e.flatten().numpy()
+    ok = np.isfinite(s) & np.isfinite(e)
+    return s[ok], e[ok]
+
+
 def calibration(spread: Tensor | np.ndarray, error: Tensor | np.ndarray, bins: int = 10,
                 mask: Tensor | np.ndarray | None = None, n_samples: int | None = None) -> dict[str, Any]:
     """Is the spread a calibrated estimate of the error? Rank correlation, calibration curve, ECE.
@@ -205,16 +219,7 @@ def calibration(spread: Tensor | np.ndarray, error: Tensor | np.ndarray, bins: i
     """
     from scipy.stats import spearmanr
 
-    s = torch.as_tensor(spread).detach().double().cpu()
-    e = torch.as_tensor(error).detach().double().cpu()
-    if s.shape != e.shape:
-        raise ValueError(f"spread {tuple(s.shape)} and error {tuple(e.shape)} must have the same shape")
-    if mask is not None:
-        m = torch.as_tensor(mask).detach().bool().cpu().expand_as(s)
-        s, e = s[m], e[m]
-    s, e = s.flatten().numpy(), e.flatten().numpy()
-    ok = np.isfinite(s) & np.isfinite(e)
-    s, e = s[ok], e[ok]
+    s, e = _voxels(spread, error, mask)
     if int(bins) != bins or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins}")
     if s.size < bins:
@@ -313,14 +318,7 @@ def coverage(spread: Tensor | np.ndarray, error: Tensor | np.ndarray, ks: Sequen
     Returns:
         ``(len(ks),)`` array of fractions in ``[0, 1]``.
     """
-    s = torch.as_tensor(spread).detach().double().cpu()
-    e = torch.as_tensor(error).detach().double().cpu()
-    if s.shape != e.shape:
-        raise ValueError(f"spread {tuple(s.shape)} and error {tuple(e.shape)} must have the same shape")
-    if mask is not None:
-        m = torch.as_tensor(mask).detach().bool().cpu().expand_as(s)
-        s, e = s[m], e[m]
-    s, e = s.flatten().numpy(), e.flatten().numpy()
+    s, e = _voxels(spread, error, mask)
     if s.size == 0:
         raise ValueError("no voxels to measure")
     pred = s * (math.sqrt(1.0 + 1.0 / n_samples) if n_samples else 1.0)
