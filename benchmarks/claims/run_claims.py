@@ -17,6 +17,7 @@ Usage (resumes: a (kernel, seed) run whose ``done`` file exists is not run again
 
     python benchmarks/claims/run_claims.py --seeds 0 1 2 3 4 --kernels native avx2 --jobs 2
     python benchmarks/claims/run_claims.py --tests --jobs 1      # the unit tests that assert learning, same grid
+    python benchmarks/claims/run_claims.py --chapters 11_uncertainty --seeds 0 --tag=-ch11   # re-run one chapter
     python benchmarks/claims/run_claims.py --summarise-only      # re-read the runs, re-check today's thresholds
 
 The summary re-reads each claim's threshold from the chapter's source where it is a number written in the
