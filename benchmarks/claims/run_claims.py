@@ -132,6 +132,8 @@ def gather_bench(work: Path) -> list[dict]:
     the ranking over seeds that chapter 10 shows)."""
     rows = []
     for f in sorted(work.glob("*/seed*/runs/10_bench_*/results.csv")):
+        if not f.parents[2].name.removeprefix("seed").isdigit():   # a re-run of other chapters: same runs copied
+            continue
         kernel, seed = f.parents[3].name, int(f.parents[2].name.removeprefix("seed"))
         with open(f, newline="") as fh:
             for r in csv.DictReader(fh):
