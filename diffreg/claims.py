@@ -11,6 +11,8 @@ to do that:
 * every check is appended to ``$DIFFREG_CLAIMS_DIR/<chapter>.json`` when that variable is set (the 5-seed runner
   sets it), with the seed, the CPU kernel level and the margin (the signed distance to the threshold, positive
   when the claim holds);
+* ``claims.report(name, value)`` records a quantity the chapter shows but does not assert (its sign or size
+  changed between seeds or CPUs in the recorded runs), so its spread over runs is still measured;
 * ``DIFFREG_CLAIMS_MODE=record`` records without asserting, so one run gathers every claim of a chapter even where
   an early one fails (the default, ``assert``, is what ``pytest`` and the book build use).
 
@@ -99,6 +101,16 @@ class Claims:
                               f"false (seed {self.seed}, {self._kernel}){': ' + note if note else ''}")
         return holds
 
+    def report(self, name: str, value, note: str = "") -> float:
+        """Record ``value`` without asserting anything (a quantity whose sign or size is not a property of the
+        method at this budget); returns it as a float."""
+        value = float(value)
+        row = {"chapter": self.chapter, "claim": name, "seed": self.seed, "kernel": self._kernel, "value": value,
+               "op": "report", "threshold": math.nan, "margin": math.nan, "holds": True, "note": note}
+        self.rows = [r for r in self.rows if r["claim"] != name] + [row]
+        self._save()
+        return value
+
     def _save(self) -> None:
         if self.path is None:
             return
@@ -108,6 +120,8 @@ class Claims:
         os.replace(tmp, self.path)
 
     def table(self) -> list[dict]:
-        """The claims checked so far: name, value, comparison, threshold, margin and whether each holds."""
-        return [{"claim": r["claim"], "value": round(r["value"], 4), "must be": f"{r['op']} {r['threshold']:g}",
+        """The claims checked (and quantities reported) so far: name, value, comparison, threshold, margin and whether
+        each holds."""
+        return [{"claim": r["claim"], "value": round(r["value"], 4),
+                 "must be": "(reported)" if r["op"] == "report" else f"{r['op']} {r['threshold']:g}",
                  "margin": round(r["margin"], 4), "holds": r["holds"]} for r in self.rows]
