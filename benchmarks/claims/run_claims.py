@@ -90,22 +90,41 @@ def run_one(kernel: str, seed: int, chosen: list, work: Path, timeout: float, ta
     return record
 
 
-def source_thresholds() -> dict[tuple[str, str], tuple[str, float]]:
-    """(chapter, claim) -> (op, threshold) where the chapter writes the threshold as a number in the call."""
-    out = {}
+def source_thresholds() -> list[tuple[str, re.Pattern, str, float | None]]:
+    """What each chapter's source says of its claims today: ``(chapter, name pattern, op, threshold)`` per
+    ``claims.check`` / ``claims.report`` call (an f-string name becomes a pattern; ``op`` is ``"report"`` for a
+    report; the threshold is ``None`` where it is not a number written in the call)."""
+    out = []
     for path in chapters():
         text = path.read_text()
-        starts = [m.start() for m in re.finditer(r"claims\.check\(", text)] + [len(text)]
+        starts = [m.start() for m in re.finditer(r"claims\.(?:check|report)\(", text)] + [len(text)]
         for a, b in zip(starts, starts[1:]):
             call = text[a:b]
-            name = re.match(r'claims\.check\(\s*f?"([^"]+)"', call)
+            m = re.match(r'claims\.(check|report)\(\s*(f?)"([^"]+)"', call)
+            if not m:
+                continue
+            kind, is_f, name = m.groups()
+            pattern = re.compile(re.sub(r"\\\{[^}]*\\\}", ".+", re.escape(name)) if is_f else re.escape(name))
+            if kind == "report":
+                out.append((path.stem, pattern, "report", None))
+                continue
             ops = re.findall(r'"(<=|>=|<|>)"\s*,\s*([-+]?[0-9][0-9_.eE+-]*)\s*[,)]', call)
-            if name and "{" not in name.group(1) and ops:
+            op_only = re.findall(r'"(<=|>=|<|>)"', call)
+            thr = None
+            if ops:
                 try:
-                    out[(path.stem, name.group(1))] = (ops[0][0], float(ops[0][1].replace("_", "")))
+                    thr = float(ops[0][1].replace("_", ""))
                 except ValueError:
-                    pass
+                    thr = None
+            out.append((path.stem, pattern, ops[0][0] if ops else (op_only[0] if op_only else ""), thr))
     return out
+
+
+def _current(source, chapter: str, claim: str):
+    for ch, pattern, op, thr in source:
+        if ch == chapter and pattern.fullmatch(claim):
+            return op, thr
+    return None
 
 
 def gather(work: Path) -> list[dict]:
@@ -119,10 +138,17 @@ def gather(work: Path) -> list[dict]:
     for f in files.values():
         kernel = f.parents[2].name
         for r in json.loads(f.read_text()):
-            if r["op"] == "report":
+            now = _current(current, r["chapter"], r["claim"])
+            in_source = not r["chapter"].startswith("test_")
+            if in_source and now is None:   # the chapter no longer states it (replaced or dropped since the run)
+                continue
+            if r["op"] == "report" or (now is not None and now[0] == "report"):
                 op, thr, holds, margin = "report", float("nan"), True, float("nan")
             else:
-                op, thr = current.get((r["chapter"], r["claim"]), (r["op"], r["threshold"]))
+                op, thr = r["op"], r["threshold"]
+                if now is not None and now[0] in OPS:
+                    op = now[0]
+                    thr = now[1] if now[1] is not None else thr
                 holds = OPS[op](r["value"], thr) if r["value"] == r["value"] else False
                 margin = r["value"] - thr if op in (">", ">=") else thr - r["value"]
             rows.append({"chapter": r["chapter"], "claim": r["claim"], "seed": r["seed"], "kernel": kernel,
