@@ -121,6 +121,11 @@ def source_thresholds() -> list[tuple[str, re.Pattern, str, float | None]]:
 
 
 def _current(source, chapter: str, claim: str):
+    """The op and threshold the chapter states today for ``claim``: a call naming it exactly wins over an f-string
+    name that matches it."""
+    exact = [(op, thr) for ch, pattern, op, thr in source if ch == chapter and pattern.pattern == re.escape(claim)]
+    if exact:
+        return exact[0]
     for ch, pattern, op, thr in source:
         if ch == chapter and pattern.fullmatch(claim):
             return op, thr
