@@ -34,6 +34,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import time
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,15 +178,42 @@ def gather_bench(work: Path) -> list[dict]:
     return rows
 
 
+def _what(run: dict) -> str:
+    """What a run executed, from its folder name: the chapters, the unit tests or a re-run of some chapters."""
+    folder = run.get("folder", "")
+    if folder.endswith("-unit"):
+        return "unit tests"
+    if "-" in folder:
+        return f"re-run ({folder.split('-', 1)[1]}): {', '.join(run.get('chapters', []))}"
+    return "chapters"
+
+
 def summarise(rows: list[dict], runs: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["chapter"], r["claim"]), []).append(r)
-    n_runs = len({(r["kernel"], r["seed"]) for r in rows})
+    chapter_runs = sorted({(r["kernel"], r["seed"]) for r in rows if not r["chapter"].startswith("test_")})
+    test_runs = sorted({(r["kernel"], r["seed"]) for r in rows if r["chapter"].startswith("test_")})
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
     lines = ["# Claims of every chapter over seeds and CPU kernel levels", "",
              "Made by `python benchmarks/claims/run_claims.py` (see its docstring): every chapter executed in the",
              "quick profile on the phantom, once per (kernel level, seed), with claims recorded and not raised.",
-             f"{n_runs} runs. `margin` is the signed distance of the value to the threshold (positive: holds);",
+             f"Summarised {time.strftime('%Y-%m-%d')} at commit {sha} (thresholds as the chapters state them there) on "
+             f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}.",
+             f"Chapters: {len(chapter_runs)} runs ({', '.join(f'{k} seed {s}' for k, s in chapter_runs)}); chapters "
+             "changed after their runs were re-run at seed 0 and their claims replace that run's (tagged runs below).",
+             f"Learning unit tests: {len(test_runs)} runs ({', '.join(f'{k} seed {s}' for k, s in test_runs)}).",
+             "`margin` is the signed distance of the value to the threshold (positive: holds);",
              "`min margin` is the worst run's. The rule: a claim holds *with margin* when it holds in every run and",
              "the worst run's margin is at least a quarter of the range the value covered over the runs",
              f"(`margin/range` >= {MARGIN_RULE}), so the threshold lies outside the observed range, not at its edge.", "",
@@ -207,9 +235,12 @@ def summarise(rows: list[dict], runs: list[dict]) -> str:
                      f"{rs[0]['op']} {rs[0]['threshold']:g} | {worst:.4g} | {ratio:.2f} | {verdict} |")
     lines += ["", "## Runs", "", "| what | kernel | seed | seconds | exit | failed cells (errors, not claims) |",
               "|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r.get("target", "chapters"), r["kernel"], r["seed"])):
-        lines.append(f"| {r.get('target', 'chapters')} | {r['kernel']} | {r['seed']} | {r['seconds']} | {r['rc']} | "
+    for r in sorted(runs, key=lambda r: (_what(r), r["kernel"], r["seed"])):
+        lines.append(f"| {_what(r)} | {r['kernel']} | {r['seed']} | {r['seconds']} | {r['rc']} | "
                      f"{', '.join(r['failed']) or '-'} |")
+    if any(r["failed"] for r in runs):
+        lines += ["", "A failed cell is an error in a chapter, not a claim that failed (those are in the table above). "
+                  "Cells after a failed one still run (nbval), so a run's later claims are recorded."]
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             for rec in pool.map(lambda ks: run_one(ks[0], ks[1], targets, args.work, args.timeout, tag), jobs):
                 print(f"{rec['kernel']} seed {rec['seed']}: exit {rec['rc']}, {rec['seconds']} s, failed {rec['failed']}",
                       flush=True)
-    runs = [json.loads(f.read_text()) for f in sorted(args.work.glob("*/seed*/done.json"))]
+    runs = [{**json.loads(f.read_text()), "folder": f.parent.name} for f in sorted(args.work.glob("*/seed*/done.json"))]
+    runs = [r for r in runs if r.get("rc") != "skipped"]
     rows = gather(args.work)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "claims.csv", "w", newline="") as f:
