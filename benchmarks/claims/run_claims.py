@@ -34,7 +34,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import time
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
