@@ -182,9 +182,9 @@ def _what(run: dict) -> str:
     folder = run.get("folder", "")
     if folder.endswith("-unit"):
         return "unit tests"
-    if "-" in folder:
-        return f"re-run ({folder.split('-', 1)[1]}): {', '.join(run.get('chapters', []))}"
-    return "chapters"
+    if "-" in folder:   # a tagged run: a re-run of some chapters, or one part of a run split in parts
+        return f"chapters {', '.join(run.get('chapters', []))} (tag {folder.split('-', 1)[1]})"
+    return "chapters (all)"
 
 
 def summarise(rows: list[dict], runs: list[dict]) -> str:
@@ -209,8 +209,9 @@ def summarise(rows: list[dict], runs: list[dict]) -> str:
              "quick profile on the phantom, once per (kernel level, seed), with claims recorded and not raised.",
              f"Summarised {time.strftime('%Y-%m-%d')} at commit {sha} (thresholds as the chapters state them there) on "
              f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}.",
-             f"Chapters: {len(chapter_runs)} runs ({', '.join(f'{k} seed {s}' for k, s in chapter_runs)}); chapters "
-             "changed after their runs were re-run at seed 0 and their claims replace that run's (tagged runs below).",
+             f"Chapters: {len(chapter_runs)} runs ({', '.join(f'{k} seed {s}' for k, s in chapter_runs)}); a run "
+             "may come in tagged parts, and a tagged re-run of a chapter replaces that chapter's claims in its run "
+             "(chapters changed after their runs were re-run at seed 0; see the runs below).",
              f"Learning unit tests: {len(test_runs)} runs ({', '.join(f'{k} seed {s}' for k, s in test_runs)}).",
              "`margin` is the signed distance of the value to the threshold (positive: holds);",
              "`min margin` is the worst run's. The rule: a claim holds *with margin* when it holds in every run and",
