@@ -428,6 +428,13 @@ def _options_text(name: str, model: nn.Module, options: dict[str, Any], extras: 
     return ", ".join(f"{k}={v}" for k, v in shown.items()) if shown else "one forward pass"
 
 
+def _method_options(options: Mapping[str, Mapping[str, Any]] | Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """Per-method ``register`` options from a mapping or the command line's ``METHOD:KEY=VALUE`` strings."""
+    if options is not None and not isinstance(options, Mapping):
+        return parse_options(options)
+    return {k: dict(v) for k, v in (options or {}).items()}
+
+
 def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data: str = "phantom",
               runs: str | Path = "runs", out: str | Path = "bench", dims: int | None = None,
               limit: int | None = None, device: str | torch.device | None = None,
@@ -499,8 +506,7 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         raise ValueError(f"nothing to run: every selected method is skipped ({skipped})")
     if any(n in CLASSICAL for n in names) and not ants_available():
         raise ImportError("the 'syn' baseline needs antspyx (pip install -r requirements.txt installs it)")
-    opts = parse_options(options) if options is not None and not isinstance(options, Mapping) else \
-        {k: dict(v) for k, v in (options or {}).items()}
+    opts = _method_options(options)
     stray = sorted(set(opts) - set(names))
     if stray:
         raise ValueError(f"--option given for {stray}, which are not benchmarked ({names})")
@@ -883,8 +889,7 @@ def run_bench_seeds(seeds: Sequence[int], methods: str | Sequence[str] = "all", 
     rows: list[dict[str, Any]] = []
     per_seed: dict[int, dict[str, Any]] = {}
     options = kwargs.pop("options", None)
-    opts = parse_options(options) if options is not None and not isinstance(options, Mapping) else \
-        {k: dict(v) for k, v in (options or {}).items()}
+    opts = _method_options(options)
     for k, s in enumerate(seeds):
         chosen = names if k == 0 else [n for n in names if n not in CLASSICAL]
         res = run_bench(chosen, runs=runs / f"seed{s}", out=out / f"seed{s}", seed=s,
