@@ -433,7 +433,7 @@ def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = No
 
     Args:
         run: the run.
-        device: where the model goes; default :func:`diffreg.train.default_device` for a run directory, and the
+        device: where the model goes; default :func:`diffreg.device.default_device` for a run directory, and the
             model's own device for a model given in memory.
 
     Raises:
@@ -441,6 +441,7 @@ def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = No
         ValueError: a DRDM run (it generates deformations and does not register pairs), or a ``run`` of another type.
     """
     from diffreg import train
+    from diffreg.device import resolve_device
 
     if isinstance(run, Run):
         out = run
@@ -450,7 +451,7 @@ def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = No
         run_dir = Path(run)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory not found: {run_dir}")
-        model, cfg = train.load_run(run_dir, device=torch.device(device) if device else train.default_device())
+        model, cfg = train.load_run(run_dir, device=resolve_device(device or None))
         info = run_dir / "data.json"
         data = None
         if info.is_file():
@@ -647,7 +648,7 @@ def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLik
             holding an input file is refused.
         moving_label: optional integer label map on the moving image's grid (warped with nearest interpolation).
         fixed_label: optional label map on the fixed image's grid (Dice in ``metrics.json`` when both are given).
-        device: where the model runs; default :func:`diffreg.train.default_device` (the GPU when CUDA is available)
+        device: where the model runs; default :func:`diffreg.device.default_device` (the GPU when CUDA is available)
             for a run directory, the model's device for a model given in memory.
         **options: passed to ``model.register`` (sampler options, e.g. ``steps=20``, ``sampler="ddim"``).
 

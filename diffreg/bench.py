@@ -242,18 +242,12 @@ def _last_log_seconds(run_dir: Path) -> float | None:
     return seconds if isinstance(seconds, float) else None
 
 
-#: stages a model trains in ``prepare`` before the main loop: (name, steps key, batch key or fixed batch)
-_STAGES = (("teacher", "teacher_steps", 1), ("autoencoder", "ae_steps", "ae_batch"),
-           ("latent U-Net", "ldm_steps", "ldm_batch"))
-
-
 def _stage_budget(cfg: MethodConfig) -> str:
-    """Budgets of the stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's stage 1)."""
-    parts = []
-    for name, steps_key, batch in _STAGES:
-        if steps_key in cfg.model:
-            b = cfg.model.get(batch, 1) if isinstance(batch, str) else batch
-            parts.append(f"{name} {int(cfg.model[steps_key]):,} steps × batch {b}")
+    """Budgets of the stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's stage 1), as the
+    model class declares them (:func:`diffreg.train.stage_budgets`)."""
+    from diffreg.train import stage_budgets
+
+    parts = [b.describe(cfg.model) for b in stage_budgets(cfg) if b.steps_key in cfg.model]
     return f"; before it: {', '.join(parts)}" if parts else ""
 
 
@@ -455,7 +449,7 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         out: folder for ``results.csv``, ``summary.md``, the figures and ``examples.pt`` (created).
         dims: 2 or 3 (default: the reference's at ``profile``: quick 2, paper 3).
         limit: evaluate only the first ``limit`` held-out pairs.
-        device: training and evaluation device (default :func:`diffreg.train.default_device`: the GPU when CUDA is
+        device: training and evaluation device (default :func:`diffreg.device.default_device`: the GPU when CUDA is
             available, else the CPU). SyN always runs on the CPU.
         options: per-method ``register`` options, ``{"diffusereg": {"steps": 50}}`` or the command line's
             ``["diffusereg:steps=50"]``.
@@ -516,9 +510,9 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
     data_cfg = bench_data(profile, dims, size, direction=direction, view=view, split_scheme=split_scheme)
     runs, out = Path(runs), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from diffreg.train import default_device
+    from diffreg.device import resolve_device
 
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     test = _open(data, split, data_cfg, profile)
     n = len(test) if limit is None else min(int(limit), len(test))
     if n == 0:

@@ -14,7 +14,7 @@ Examples::
 
 ``--data`` takes the same strings as the ``DIFFREG_DATA`` environment variable: ``phantom``, ``phantom:echo``,
 ``acdc:PATH``, ``acdc-h5:PATH``, ``camus:PATH``. Without ``--device`` every command uses the GPU when CUDA is
-available (the local rank's under ``torchrun``), else the CPU (:func:`diffreg.train.default_device`), and says which;
+available (the local rank's under ``torchrun``), else the CPU (:func:`diffreg.device.default_device`), and says which;
 ``--device cpu`` forces the CPU. Training is in float32 unless ``--amp`` is given.
 """
 
@@ -44,10 +44,10 @@ def _dataset(spec: str, split: str, cfg) -> object:
 
 
 def _device(args: argparse.Namespace):
-    """``--device`` as a :class:`torch.device`, or :func:`diffreg.train.default_device` without it."""
+    """``--device`` as a :class:`torch.device`, or :func:`diffreg.device.default_device` without it."""
     import torch
 
-    from diffreg.train import default_device
+    from diffreg.device import default_device
 
     return torch.device(args.device) if args.device else default_device()
 
@@ -99,7 +99,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from diffreg.config import get_config
     from diffreg.models import build
-    from diffreg.train import CHECKPOINT, check_run_dir, distributed_info, fit, set_stage_steps
+    from diffreg.device import distributed_info
+    from diffreg.train import CHECKPOINT, check_run_dir, fit, set_stage_steps
 
     cfg = get_config(args.method, args.profile, args.dims)
     if args.steps is not None:

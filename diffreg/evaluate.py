@@ -141,7 +141,7 @@ def evaluate(
         dataset: a pair dataset (items with ``moving``, ``fixed``, ``moving_label``, ``fixed_label``, ``case`` and
             optionally ``spacing`` and ``true_ddf``); its ``labels`` attribute (``"acdc"`` or ``"camus"``) picks the
             structures and the aggregate Dice.
-        device: default :func:`diffreg.train.default_device` (the GPU when CUDA is available, else the CPU); the
+        device: default :func:`diffreg.device.default_device` (the GPU when CUDA is available, else the CPU); the
             model is moved there.
         progress: show a tqdm bar.
         limit: evaluate only the first ``limit`` pairs.
@@ -155,7 +155,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     if device is None:
-        from diffreg.train import default_device
+        from diffreg.device import default_device
 
         device = default_device()
     device = torch.device(device)

@@ -13,8 +13,9 @@ architecture, data size and batch size (unless overridden):
   size (``B`` items of ``open_dataset("phantom:KIND", ...)`` stacked; every key a model's ``loss`` reads is there:
   ``moving``, ``fixed``, the labels, ``true_ddf``). The median over ``steps`` timed steps after the warm-up steps
   (1 on a CPU, 2 on a GPU), and ``batch / median`` samples per second. Data loading is not timed.
-* **first stages are not trained**: :meth:`~diffreg.models.RegistrationModel.prepare` (DiffuseReg's VoxelMorph
-  teacher and field statistics, LDM-Morph's autoencoder and latent U-Net) is skipped; the frozen parts keep their
+* **first stages are not trained**: the :meth:`~diffreg.models.RegistrationModel.stages` (DiffuseReg's VoxelMorph
+  teacher, LDM-Morph's autoencoder and latent U-Net) and ``prepare`` (DiffuseReg's field statistics) are skipped;
+  the frozen parts keep their
   initial weights and are marked ready, which costs the same time per step as trained weights. A DiffuseReg
   teacher trains at the speed of the ``voxelmorph`` row of the same size.
 * **inference per pair**: the median of ``model.register(moving, fixed)`` on one pair (batch 1) after one warm-up
@@ -215,15 +216,19 @@ def _sync(device: torch.device) -> None:
 
 
 def _skip_prepare(model: torch.nn.Module) -> bool:
-    """Mark a model's first stage as done without running it (see the module docstring); ``True`` when the model
-    has a :meth:`prepare` of its own."""
+    """Mark a model's stages and preparation as done without running them (see the module docstring): each of its
+    :meth:`~diffreg.models.RegistrationModel.stages` is declared done with an empty log, and the statistics of a
+    ``prepare`` keep their initial values. ``True`` when the model has stages or a :meth:`prepare` of its own."""
     from diffreg.models.base import RegistrationModel
 
-    own = type(model).prepare is not RegistrationModel.prepare
-    for name in ("stage1_ready", "teacher_trained", "stats_ready"):
-        flag = getattr(model, name, None)
-        if isinstance(flag, torch.Tensor):
-            flag.fill_(True)
+    stages = model.stages() if callable(getattr(model, "stages", None)) else []
+    for stage in stages:
+        if stage.done is not None:
+            stage.done([])
+    own = bool(stages) or type(model).prepare is not RegistrationModel.prepare
+    flag = getattr(model, "stats_ready", None)
+    if isinstance(flag, torch.Tensor):
+        flag.fill_(True)
     return own
 
 
@@ -319,12 +324,13 @@ def measure_speed(method: str, profile: str = "paper", dims: int | None = None, 
     """
     from diffreg.config import get_config
     from diffreg.models import build
-    from diffreg.train import _make_optimizer, default_device
+    from diffreg.device import resolve_device
+    from diffreg.train import _make_optimizer
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     cfg = get_config(method, profile, dims)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if amp and dev.type != "cuda":

@@ -4,7 +4,7 @@
 * Adam / AdamW, cosine or constant learning rate with optional warm-up, gradient clipping;
 * float32 by default, as the papers train; mixed precision is opt-in (``TrainConfig.amp``, ``--amp``) and used on
   CUDA only (``bfloat16`` autocast, or ``float16`` with a gradient scaler);
-* the GPU when one is available and no device is named (:func:`default_device`);
+* the GPU when one is available and no device is named (:func:`diffreg.device.default_device`);
 * DDP when launched by ``torchrun`` (NCCL on CUDA, gloo on CPU); each process reads its own strided share of a
   seeded, per-epoch permutation of the dataset;
 * tqdm progress, a CSV log (``log.csv``), ``config.json``;
@@ -35,9 +35,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffreg.config import MethodConfig, TrainConfig
+from diffreg.device import default_device, distributed_info, resolve_device
 
 __all__ = ["fit", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info",
-           "default_device", "check_run_dir", "set_stage_steps", "STAGE_STEP_KEYS"]
+           "default_device", "check_run_dir", "set_stage_steps", "stage_budgets", "train_stages"]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
@@ -49,29 +50,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def distributed_info() -> tuple[int, int, int]:
-    """``(rank, local_rank, world_size)`` from the torchrun environment (``(0, 0, 1)`` when not distributed)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, local, world
-
-
-def default_device() -> torch.device:
-    """The device used wherever none is named (:func:`fit`, :func:`diffreg.evaluate.evaluate`,
-    :func:`diffreg.bench.run_bench`, :func:`diffreg.speed.measure_speed`, every ``python -m diffreg`` command).
-
-    Returns:
-        ``cuda:LOCAL_RANK`` under ``torchrun`` (``WORLD_SIZE > 1``) when CUDA is available, ``cuda`` (the current
-        GPU) when CUDA is available otherwise, else ``cpu``. Pass ``device="cpu"`` (``--device cpu``) to force the
-        CPU on a machine with a GPU.
-    """
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    _, local_rank, world = distributed_info()
-    return torch.device("cuda", local_rank) if world > 1 else torch.device("cuda")
 
 
 def _describe(cfg: dict[str, Any]) -> str:
@@ -204,30 +182,73 @@ def total_steps(cfg: TrainConfig, n_train: int, world: int = 1) -> int:
     return cfg.epochs * math.ceil(n_train / (cfg.batch_size * world)) if cfg.epochs else cfg.steps
 
 
-#: model settings holding the steps of the stages ``model.prepare`` trains before the main loop: DiffuseReg's teacher
-#: registration network, LDM-Morph's autoencoder and latent U-Net
-STAGE_STEP_KEYS = ("teacher_steps", "ae_steps", "ldm_steps")
+def stage_budgets(config: MethodConfig) -> tuple:
+    """The :class:`~diffreg.models.base.StageBudget` of each stage the method of ``config`` trains before its main
+    loop (DiffuseReg's teacher; LDM-Morph's autoencoder and latent U-Net), asked of the model class (no model is
+    built); empty for a method without stages or unknown to the registry."""
+    from diffreg.models import MODELS
+
+    cls = MODELS.get(config.method)
+    return tuple(getattr(cls, "stage_budgets", ())) if cls is not None else ()
 
 
 def set_stage_steps(config: MethodConfig, steps: int) -> list[str]:
-    """Set every first-stage step count of ``config.model`` (:data:`STAGE_STEP_KEYS`) to ``steps``.
+    """Set the steps of every stage trained before the main loop (:func:`stage_budgets`) to ``steps``.
 
     Args:
         config: a method configuration (changed in place).
         steps: steps of each stage, >= 1.
 
     Returns:
-        The keys that were set (empty for a method without a first stage).
+        The model settings that were set (empty for a method without stages).
 
     Raises:
         ValueError: ``steps < 1``.
     """
     if int(steps) < 1:
         raise ValueError(f"stage steps must be >= 1, got {steps}")
-    keys = [k for k in STAGE_STEP_KEYS if k in config.model]
+    keys = [b.steps_key for b in stage_budgets(config) if b.steps_key in config.model]
     for k in keys:
         config.model[k] = int(steps)
     return keys
+
+
+def train_stages(model: nn.Module, data: Dataset, out: str | Path | None = None,
+                 device: str | torch.device | None = None, resume: bool = True, progress: bool = True,
+                 seed: int = 0) -> list[str]:
+    """Train the stages ``model`` declares before its main loop (:meth:`~diffreg.models.RegistrationModel.stages`),
+    each with :func:`fit` in its own run folder ``out / stage.name``: checkpointed, resumed after a kill, with AMP and
+    DDP like the main loop. Each trained stage is frozen (``requires_grad=False``) and its ``done`` is called with its
+    log rows. :func:`fit` calls this before the main loop; call it yourself to look at the stages first (chapter 07).
+
+    Args:
+        model: a model; one without ``stages`` has none.
+        data: the training pairs (a stage's ``dataset`` maps them to its own items).
+        out: the model's run directory (``None``: nothing is kept and every stage trains from scratch).
+        device: where to train (default :func:`diffreg.device.default_device`).
+        resume: continue a stage from its checkpoint (a finished stage is restored without training).
+        progress: show progress bars.
+        seed: the run's seed, for stages without a seed of their own.
+
+    Returns:
+        The names of the stages trained or restored.
+    """
+    stages = getattr(model, "stages", None)
+    todo = stages(seed=int(seed)) if callable(stages) else []
+    if todo:
+        model.to(resolve_device(device))
+    for stage in todo:
+        stage_out = Path(out) / stage.name if out is not None else None
+        stage.module.requires_grad_(True)
+        rows = fit(stage.module, stage.dataset(data) if stage.dataset is not None else data, stage.config,
+                   out=stage_out, device=device, resume=resume, progress=progress)
+        stage.module.requires_grad_(False)
+        if stage_out is not None and (stage_out / LOG).is_file():  # every row, also those of an earlier call
+            with open(stage_out / LOG, newline="") as fh:
+                rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+        if stage.done is not None:
+            stage.done(rows)
+    return [stage.name for stage in todo]
 
 
 def _lr_lambda(cfg: TrainConfig, total: int):
@@ -361,7 +382,7 @@ def fit(
     _check_train_config(tcfg)
     rank, local_rank, world = distributed_info()
     distributed = world > 1
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
     if device.type == "cuda":
@@ -392,8 +413,11 @@ def fit(
             ckpt = load_checkpoint(out_dir / CHECKPOINT, map_location="cpu")
             _check_same_run(out_dir, ckpt, cfg_dict)
     seed_everything(tcfg.seed + rank)
-    # A model with a stage before the main loop (a teacher network, a frozen autoencoder, data statistics) does it
-    # here; it caches its products in ``out`` so a resumed run does not redo them, and the checkpoint restores them.
+    # The networks a model trains before its main loop (a teacher, a frozen autoencoder): each a run of its own in
+    # a sub-folder of ``out``, so a resumed run restores them instead of training them again.
+    train_stages(model, data, out=out_dir, device=device, resume=resume, progress=progress and rank == 0,
+                 seed=tcfg.seed)
+    # Work that trains nothing (data statistics).
     prepare = getattr(model, "prepare", None)
     if callable(prepare):
         import inspect
@@ -410,6 +434,7 @@ def fit(
 
     start = 0
     resumed_log: dict[str, Any] = {}
+    resumed_rng: dict[str, Any] | None = None
     if out_dir is not None:
         if ckpt is not None:
             try:
@@ -426,7 +451,7 @@ def fit(
             rng = ckpt["rng"]
             if isinstance(rng, list):  # one state per DDP process
                 rng = rng[rank] if rank < len(rng) else rng[0]
-            _set_rng_state(rng)
+            resumed_rng = rng   # restored once the data loader has drawn its seed (below)
             resumed_log = ckpt.get("log_state", {})
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -439,6 +464,11 @@ def fit(
 
     sampler = StepSampler(len(data), tcfg.batch_size, tcfg.seed, start, stop, rank, world)
     loader = DataLoader(data, batch_sampler=sampler, num_workers=0, pin_memory=device.type == "cuda")
+    # Starting the loader draws its base seed from the global generator; the checkpoint's random state was taken
+    # after that draw, so it is restored after it, or a resumed run would draw once more than the straight one.
+    batches = iter(loader)
+    if resumed_rng is not None:
+        _set_rng_state(resumed_rng)
 
     rows: list[dict[str, float]] = []
     log_file = None
@@ -461,7 +491,7 @@ def fit(
     running: dict[str, float] = dict(resumed_log.get("running", {}))
     n_running = int(resumed_log.get("n_running", 0))
     try:
-        for batch in loader:
+        for batch in batches:
             batch = _to_device(batch, device)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 terms = train_module(batch)
@@ -593,7 +623,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> t
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a diffreg run directory?")
     cfg = MethodConfig.from_dict(json.loads(cfg_path.read_text()))
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     model = build(cfg)
     model.load_state_dict(ckpt["model"])

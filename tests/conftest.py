@@ -3,7 +3,7 @@
 The unit tests run on the CPU by default, also on a machine with a GPU, so their results do not depend on the
 hardware. ``DIFFREG_TEST_DEVICE=cuda pytest tests`` runs them on the GPU (``benchmarks/gpu_check.py`` does): the
 ``device`` fixture returns that device, and wherever the package picks a device itself
-(:func:`diffreg.train.default_device`: ``fit``, ``evaluate``, ``run_bench``, ``measure_speed``, the command line) it
+(:func:`diffreg.device.default_device`: ``fit``, ``evaluate``, ``run_bench``, ``measure_speed``, the command line) it
 picks that one. Tests of the device rule itself use the ``real_default_device`` fixture.
 """
 
@@ -14,9 +14,10 @@ import os
 import pytest
 import torch
 
+import diffreg.device
 import diffreg.train
 
-_REAL_DEFAULT_DEVICE = diffreg.train.default_device
+_REAL_DEFAULT_DEVICE = diffreg.device.default_device
 
 
 def test_device() -> torch.device:
@@ -67,12 +68,14 @@ def device() -> torch.device:
 def _default_device_is_the_test_device(monkeypatch):
     """Where the package chooses a device itself, it chooses the test device."""
     dev = test_device()
-    monkeypatch.setattr(diffreg.train, "default_device", lambda: dev)
+    for module in (diffreg.device, diffreg.train):   # the rule, and its name in the trainer's namespace
+        monkeypatch.setattr(module, "default_device", lambda: dev)
     yield
 
 
 @pytest.fixture
 def real_default_device(monkeypatch):
-    """:func:`diffreg.train.default_device` as the package defines it (undoes the test-device choice)."""
-    monkeypatch.setattr(diffreg.train, "default_device", _REAL_DEFAULT_DEVICE)
+    """:func:`diffreg.device.default_device` as the package defines it (undoes the test-device choice)."""
+    for module in (diffreg.device, diffreg.train):
+        monkeypatch.setattr(module, "default_device", _REAL_DEFAULT_DEVICE)
     return _REAL_DEFAULT_DEVICE

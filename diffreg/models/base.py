@@ -1,10 +1,15 @@
-"""The interface every registration model in :mod:`diffreg.models` implements (DESIGN.md section 6).
+"""The interface every registration model in :mod:`diffreg.models` implements (explained in chapter 02).
 
 * ``forward(moving, fixed) -> ddf``: the registration field, ``(B, ndim, *spatial)`` in voxels (pull convention:
   ``warped(p) = moving(p + ddf(p))``);
 * ``loss(batch) -> dict[str, Tensor]`` with a ``"total"`` key and every paper term by name;
 * ``register(moving, fixed, **options) -> RegistrationResult(ddf, warped, extras)``;
-* optionally ``prepare(data, out, device, progress, seed)``: a stage run once before training.
+* optionally ``stages(seed) -> list[Stage]``: networks trained before the main loop (DiffuseReg's teacher,
+  LDM-Morph's autoencoder and latent U-Net), which :func:`diffreg.train.fit` trains like the main loop (checkpoints,
+  resume, AMP, DDP) in sub-folders of the run; the class attribute ``stage_budgets`` names the configuration keys of
+  their budgets;
+* optionally ``prepare(data, out, device, progress, seed)``: work that trains nothing, done once before the main loop
+  (e.g. data statistics).
 
 The trainer (:mod:`diffreg.train`), the evaluator (:mod:`diffreg.evaluate`) and the benchmark only use this
 interface. Explained in chapter 02 (``notebooks/02_voxelmorph.md``).
@@ -14,14 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from diffreg.spatial import warp
 
-__all__ = ["RegistrationResult", "RegistrationModel", "check_pair"]
+__all__ = ["RegistrationResult", "RegistrationModel", "Stage", "StageBudget", "check_pair"]
 
 
 @dataclass
@@ -37,6 +42,50 @@ class RegistrationResult:
     ddf: torch.Tensor
     warped: torch.Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageBudget:
+    """Where a model's configuration keeps the budget of one stage trained before its main loop.
+
+    Attributes:
+        name: the stage's name in tables (``"teacher"``, ``"autoencoder"``).
+        steps_key: the model setting holding its optimisation steps (``"teacher_steps"``).
+        batch: the model setting holding its batch size, or the batch size itself.
+    """
+
+    name: str
+    steps_key: str
+    batch: str | int = 1
+
+    def describe(self, model_settings: dict[str, Any]) -> str:
+        """``"teacher 1,500 steps × batch 1"`` for a configuration's ``model`` settings."""
+        b = model_settings.get(self.batch, 1) if isinstance(self.batch, str) else self.batch
+        return f"{self.name} {int(model_settings[self.steps_key]):,} steps × batch {b}"
+
+
+@dataclass
+class Stage:
+    """A network a model trains before its main loop, as data: :func:`diffreg.train.fit` trains ``module`` on
+    ``dataset(pairs)`` with ``config`` in the run's sub-folder ``name`` (so it is checkpointed, resumed, and run with
+    AMP and DDP exactly like the main loop), freezes it, then calls ``done(log_rows)``.
+
+    Attributes:
+        name: sub-folder of the run directory (``"teacher"``, ``"autoencoder"``, ``"latent_unet"``).
+        module: what is trained: ``module.loss(batch)`` returns a dict with ``"total"``; its parameters that require
+            gradients are optimised.
+        config: the stage's :class:`~diffreg.config.MethodConfig` (its ``train`` section is the stage's budget and
+            seed; it is stored in the stage's folder, and a resumed stage must match it).
+        dataset: maps the model's training pairs to the stage's dataset (default: the pairs themselves).
+        done: called with the stage's log rows (every row of its ``log.csv`` when it has a folder) once it is trained
+            or restored; it marks the model's stage as ready.
+    """
+
+    name: str
+    module: nn.Module
+    config: Any
+    dataset: Callable[[Any], Any] | None = None
+    done: Callable[[list[dict[str, Any]]], None] | None = None
 
 
 def check_pair(moving: torch.Tensor, fixed: torch.Tensor, dims: int) -> None:
@@ -62,10 +111,23 @@ class RegistrationModel(nn.Module):
         """Training losses for a batch from a pair dataset; ``"total"`` is optimised."""
         raise NotImplementedError
 
+    #: where the configuration keeps the budgets of :meth:`stages` (read by ``--stage-steps`` and the benchmark)
+    stage_budgets: tuple[StageBudget, ...] = ()
+
+    def stages(self, seed: int = 0) -> list[Stage]:
+        """The stages still to train before the main loop, in order (none by default; empty once they are trained
+        or restored from a checkpoint).
+
+        Args:
+            seed: the training run's seed (:class:`~diffreg.config.TrainConfig` ``seed``), for a stage without a
+                seed of its own.
+        """
+        return []
+
     def prepare(self, data: Any, out: Path | None = None, device: torch.device | None = None,
                 progress: bool = False, seed: int = 0) -> None:
-        """Work done once before training (called by :func:`diffreg.train.fit` after seeding, before the optimizer
-        is built): e.g. train a teacher network or a frozen first stage, or compute data statistics.
+        """Work that trains nothing, done once before training (called by :func:`diffreg.train.fit` after the
+        :meth:`stages`, before the optimizer is built): e.g. data statistics.
 
         Args:
             data: the training dataset.

@@ -129,8 +129,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffreg import losses
+from diffreg.config import MethodConfig, TrainConfig
 from diffreg.diffusion import NoiseSchedule, ddim_sample, ddpm_sample
-from diffreg.models.base import RegistrationModel, RegistrationResult, check_pair
+from diffreg.models.base import RegistrationModel, RegistrationResult, Stage, StageBudget, check_pair
 from diffreg.spatial import warp
 
 __all__ = [
@@ -765,7 +766,7 @@ class DiffuseReg(RegistrationModel):
         eta: default DDIM stochasticity.
         teacher: keyword arguments of the teacher :class:`~diffreg.models.VoxelMorph` (default VM-2, NCC,
             lambda 1).
-        teacher_steps, teacher_lr: how :meth:`prepare` trains the teacher (Adam, constant rate, batch 1).
+        teacher_steps, teacher_lr: the budget of the teacher stage (:meth:`stages`; Adam, constant rate, batch 1).
 
     Raises:
         ValueError: bad arguments.
@@ -852,18 +853,18 @@ class DiffuseReg(RegistrationModel):
     # ------------------------------------------------------------------------------------------------------------
     # The teacher and the z-scoring of its fields (l. 79)
     # ------------------------------------------------------------------------------------------------------------
-    def set_teacher(self, teacher: nn.Module | str | Path) -> None:
-        """Use an already trained VoxelMorph as the teacher: a module or a run directory of ``diffreg.train.fit``.
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """Use an already trained VoxelMorph as the teacher (e.g. ``diffreg.train.load_run(run_dir)[0]``).
 
-        Its architecture must match ``teacher`` of this model's configuration (the weights are copied in).
+        Its architecture must match ``teacher`` of this model's configuration (the weights are copied in); the
+        teacher stage is then done (:meth:`stages` returns none).
 
         Raises:
-            ValueError: the architectures differ.
+            ValueError: the architectures differ, or ``teacher`` is not a module.
         """
-        if isinstance(teacher, (str, Path)):
-            from diffreg.train import load_run
-
-            teacher, _ = load_run(teacher, device="cpu")
+        if not isinstance(teacher, nn.Module):
+            raise ValueError(f"set_teacher takes a trained VoxelMorph module, got {type(teacher).__name__} (for a run "
+                             "directory: set_teacher(diffreg.train.load_run(run_dir)[0]))")
         try:
             self.teacher.load_state_dict(teacher.state_dict())
         except RuntimeError as exc:
@@ -872,7 +873,12 @@ class DiffuseReg(RegistrationModel):
             if getattr(teacher, name, None) != getattr(self.teacher, name):
                 raise ValueError(f"teacher {name}={getattr(teacher, name, None)} differs from "
                                  f"{getattr(self.teacher, name)} of this model's teacher configuration")
+        self._teacher_done()
+
+    def _teacher_done(self, log_rows: list[dict[str, Any]] | None = None) -> None:
+        """Freeze the teacher and mark it trained; its fields change, so the statistics are stale."""
         self.teacher.requires_grad_(False)
+        self.teacher.eval()
         self.teacher_trained.fill_(True)
         self.stats_ready.fill_(False)
 
@@ -907,33 +913,41 @@ class DiffuseReg(RegistrationModel):
         self.stats_ready.fill_(True)
         return self.field_mean.clone(), self.field_std.clone()
 
+    #: the teacher's budget in the configuration (``--stage-steps``, the benchmark's budget column)
+    stage_budgets = (StageBudget("teacher", "teacher_steps", 1),)
+
+    def stages(self, seed: int = 0) -> list[Stage]:
+        """The teacher, as a stage trained before the main loop (none when it is trained, given with
+        :meth:`set_teacher`, or not used): a :class:`~diffreg.models.VoxelMorph` run of its own, trained by
+        :func:`diffreg.train.fit` in the run's sub-folder ``teacher`` (``diffreg.train.load_run`` opens it) with
+        Adam at a constant rate, batch 1, ``teacher_steps`` steps and the run's ``seed``."""
+        if not self.use_teacher or bool(self.teacher_trained):
+            return []
+        cfg = MethodConfig(
+            method="voxelmorph", profile="teacher", model=dict(self.teacher_kwargs),
+            train=TrainConfig(steps=self.teacher_steps, lr=self.teacher_lr, batch_size=1, scheduler="constant",
+                              seed=int(seed), log_every=50,
+                              checkpoint_every=max(1, min(500, self.teacher_steps // 4))),
+            source="DiffuseReg teacher (the paper uses a pre-trained VTN, l. 79)")
+        return [Stage("teacher", self.teacher, cfg, done=self._teacher_done)]
+
     def prepare(self, data: Any, out: Path | None = None, device: torch.device | None = None,
                 progress: bool = False, seed: int = 0) -> None:
-        """Before training: train the teacher (unless given or already trained; cached under ``out / "teacher"``,
-        a run directory of its own that ``diffreg.train.load_run`` opens, with the run's ``seed`` for its data
-        order) and compute the field statistics.
+        """Before training, once the teacher is trained (:meth:`stages`): compute the field statistics.
 
         With ``use_teacher=False`` (Table 2 row 6) nothing is needed: the statistics stay (0, 1).
+
+        Raises:
+            RuntimeError: the teacher is neither trained nor given.
         """
         if not self.use_teacher:
             return
+        if not bool(self.teacher_trained):
+            raise RuntimeError("DiffuseReg's teacher is not trained: train the model with diffreg.train.fit (which "
+                               "trains its stages first), call diffreg.train.train_stages, or give one with "
+                               "set_teacher")
         device = torch.device(device) if device is not None else self.field_mean.device
         self.to(device)
-        if not bool(self.teacher_trained):
-            from diffreg.config import MethodConfig, TrainConfig
-            from diffreg.train import fit
-
-            self.teacher.requires_grad_(True)
-            cfg = MethodConfig(
-                method="voxelmorph", profile="teacher", model=dict(self.teacher_kwargs),
-                train=TrainConfig(steps=self.teacher_steps, lr=self.teacher_lr, batch_size=1, scheduler="constant",
-                                  seed=int(seed),
-                                  log_every=50, checkpoint_every=max(1, min(500, self.teacher_steps))),
-                source="DiffuseReg teacher (the paper uses a pre-trained VTN, l. 79)")
-            fit(self.teacher, data, cfg, out=None if out is None else Path(out) / "teacher", device=device,
-                progress=progress)
-            self.teacher.requires_grad_(False)
-            self.teacher_trained.fill_(True)
         self.teacher.eval()
         self.compute_field_stats(data)
 

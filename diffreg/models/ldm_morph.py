@@ -91,10 +91,7 @@ levels); ``ddf`` ``(B, dims, *spatial)`` in voxels (pull convention); latents ``
 from __future__ import annotations
 
 import math
-import os
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,16 +99,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffreg import losses
+from diffreg.config import MethodConfig, TrainConfig
 from diffreg.diffusion import NoiseSchedule, ddim_invert, final
-from diffreg.models.base import RegistrationModel, RegistrationResult, check_pair
+from diffreg.models.base import RegistrationModel, RegistrationResult, Stage, StageBudget, check_pair
 from diffreg.spatial import warp
 
 __all__ = [
-    "LDMMorph", "LGCA", "window_cross_attention", "hierarchical_similarity", "ldm_schedule", "STAGE1_FILE",
+    "LDMMorph", "LGCA", "window_cross_attention", "hierarchical_similarity", "ldm_schedule", "STAGE1_STAGES",
 ]
 
-#: name of the cached stage-1 weights in a run directory
-STAGE1_FILE = "stage1.pt"
+#: the run sub-folders of stage 1 (the autoencoder, then the latent U-Net), each a run of ``diffreg.train.fit``
+STAGE1_STAGES = ("autoencoder", "latent_unet")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,9 +399,10 @@ def _tuple(x: Any) -> Any:
 class LDMMorph(RegistrationModel):
     """LDM-Morph: LDM features + Swin global features fused by LGCA, decoded to a displacement field.
 
-    Stage 1 (autoencoder + latent U-Net) is trained by :meth:`prepare` (called by :func:`diffreg.train.fit` before
-    the optimiser is built), cached in ``out/stage1.pt`` and frozen; its weights stay in the ``state_dict``, so
-    :func:`diffreg.train.load_run` restores the whole model. :meth:`num_parameters` counts the registration network
+    Stage 1 (autoencoder, then latent U-Net) is declared by :meth:`stages`: :func:`diffreg.train.fit` trains each
+    before the registration network's optimiser is built, as a run of its own in the sub-folders ``autoencoder`` and
+    ``latent_unet`` (checkpointed and resumed like the main loop), and freezes it; the weights stay in the
+    ``state_dict``, so :func:`diffreg.train.load_run` restores the whole model. :meth:`num_parameters` counts the registration network
     (the trainable part). Explained in chapter 07.
 
     Args:
@@ -429,11 +428,11 @@ class LDMMorph(RegistrationModel):
         feature_noise: ``"ddim"`` (DDIM inversion, the paper) or ``"q_sample"`` (random forward noising, the
             official code).
         invert_steps: DDIM inversion steps (``None``: ``t + 1``, i.e. unit steps, 2 at ``t = 1``).
-        ae_steps, ae_lr, ae_batch, ldm_steps, ldm_lr, ldm_batch: stage-1 training (Adam).
-        stage1_seed: seed of stage-1 training (its own generator: the global random state is left alone).
+        ae_steps, ae_lr, ae_batch, ldm_steps, ldm_lr, ldm_batch: stage-1 training (Adam, constant rate).
+        stage1_seed: seed of stage-1 training (initial data order and noise of both stage-1 runs).
         cache_features: reuse the LDM features of images seen before (keyed by their bytes). A pure speed option,
             exact with ``feature_noise="ddim"`` because stage 1 is frozen and deterministic; ignored for
-            ``"q_sample"``. The cache is cleared by :meth:`prepare` and :meth:`load_state_dict`.
+            ``"q_sample"``. The cache is cleared when stage 1 is done and by :meth:`load_state_dict`.
 
     Raises:
         ValueError: inconsistent sizes or options.
@@ -517,6 +516,14 @@ class LDMMorph(RegistrationModel):
         self.stage1_options = dict(ae_steps=int(ae_steps), ae_lr=float(ae_lr), ae_batch=int(ae_batch),
                                    ldm_steps=int(ldm_steps), ldm_lr=float(ldm_lr), ldm_batch=int(ldm_batch),
                                    seed=int(stage1_seed))
+        #: what stage 1 is (a stage-1 run folder resumes only into the same networks and schedule)
+        self.stage1_settings = dict(ae_channels=[int(c) for c in ae_channels], ae_res_layers=int(ae_res_layers),
+                                    ae_embeddings=int(ae_embeddings), ae_embedding_dim=int(ae_embedding_dim),
+                                    ldm_channels=[int(c) for c in ldm_channels],
+                                    ldm_attention=[bool(a) for a in ldm_attention],
+                                    ldm_res_blocks=int(ldm_res_blocks), ldm_head_channels=int(ldm_head_channels),
+                                    ldm_norm_groups=int(ldm_norm_groups), timesteps=int(timesteps),
+                                    beta_start=float(beta_start), beta_end=float(beta_end))
         self.schedule = ldm_schedule(beta_start, beta_end, timesteps)
         widths = [self.embed_dim * 2 ** i for i in range(levels)]
         self.widths = widths
@@ -621,8 +628,9 @@ class LDMMorph(RegistrationModel):
 
     def _require_stage1(self) -> None:
         if self.needs_stage1 and not bool(self.stage1_ready):
-            raise RuntimeError("stage 1 (autoencoder + latent U-Net) is not trained: call prepare(data, out) "
-                               "(diffreg.train.fit does) or load a trained checkpoint")
+            raise RuntimeError("stage 1 (autoencoder + latent U-Net) is not trained: train the model with "
+                               "diffreg.train.fit (which trains its stages first), call diffreg.train.train_stages, "
+                               "or load a trained checkpoint")
 
     # ------------------------------------------------------------------------------------------------------------
     # Stage 1: E, D, the LDM and its features (sec. 3.2)
@@ -811,107 +819,122 @@ class LDMMorph(RegistrationModel):
         return out
 
     # ------------------------------------------------------------------------------------------------------------
-    # Stage 1 training, cached in the run directory
+    # Stage 1 training: two runs of the trainer before the main loop
     # ------------------------------------------------------------------------------------------------------------
-    def prepare(self, data: Any, out: Path | None = None, device: torch.device | None = None,
-                progress: bool = False, seed: int = 0) -> None:
-        """Train (or load) stage 1 and freeze it (``seed`` is not used: stage 1 has its own, ``stage1_seed``).
+    #: the stage-1 budgets in the configuration (``--stage-steps``, the benchmark's budget column)
+    stage_budgets = (StageBudget("autoencoder", "ae_steps", "ae_batch"),
+                     StageBudget("latent U-Net", "ldm_steps", "ldm_batch"))
 
-        Order: nothing to do if stage 1 is not needed or already ready (e.g. restored from a checkpoint); else load
-        ``out/stage1.pt`` if it exists (``torch.load(weights_only=True)``); else train the autoencoder on every
-        moving and fixed image of ``data`` (L1 reconstruction + VQ commitment, Adam) and then the U-Net on their
-        latents (eq. 6, Adam), with a private generator seeded by ``stage1_seed``, and write ``out/stage1.pt``
-        atomically. The losses are kept in :attr:`stage1_log`.
+    def stages(self, seed: int = 0) -> list[Stage]:
+        """Stage 1 as two stages trained before the main loop (none once stage 1 is ready or not needed), both
+        seeded by ``stage1_seed`` (``seed`` is not used) with Adam at a constant rate:
+
+        1. ``autoencoder``: L1 reconstruction + VQ commitment (EMA codebook) on every moving and fixed image of the
+           training pairs, ``ae_steps`` steps of ``ae_batch`` images;
+        2. ``latent_unet``: eq. 6, ``E ||eps - eps_omega(z_t, t)||^2`` on the frozen latents ``E(I)`` of the same
+           images, ``ldm_steps`` steps of ``ldm_batch`` latents.
         """
         if not self.needs_stage1 or bool(self.stage1_ready):
-            return
-        device = torch.device(device) if device is not None else self.device
-        self.to(device)
-        path = Path(out) / STAGE1_FILE if out is not None else None
-        if path is not None and path.is_file():
-            state = torch.load(path, map_location=device, weights_only=True)
-            self.autoencoder.load_state_dict(state["autoencoder"])
-            self.unet.load_state_dict(state["unet"])
-            self.stage1_log = {k: [float(v) for v in vals] for k, vals in state.get("log", {}).items()}
-        else:
-            self._train_stage1(data, device, progress)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process (DDP ranks)
-                torch.save({"autoencoder": self.autoencoder.state_dict(), "unet": self.unet.state_dict(),
-                            "log": self.stage1_log}, tmp)
-                os.replace(tmp, path)
+            return []
+        opt = self.stage1_options
+
+        def config(name: str, steps: int, lr: float, batch: int, settings: dict[str, Any]) -> MethodConfig:
+            return MethodConfig(method="ldm-morph", profile=f"stage 1: {name}", model=settings,
+                                train=TrainConfig(steps=steps, lr=lr, batch_size=batch, scheduler="constant",
+                                                  seed=opt["seed"], log_every=max(1, steps // 50),
+                                                  checkpoint_every=max(1, min(500, steps // 4))),
+                                source="LDM-Morph stage 1 (sec. 3.2)")
+
+        ae_settings = {k: v for k, v in self.stage1_settings.items() if k.startswith("ae")}
+        return [
+            Stage("autoencoder", _AutoencoderStage(self.autoencoder),
+                  config("autoencoder", opt["ae_steps"], opt["ae_lr"], opt["ae_batch"], ae_settings),
+                  dataset=_Images, done=self._autoencoder_done),
+            Stage("latent_unet", _LatentStage(self.unet, self.schedule),
+                  config("latent U-Net", opt["ldm_steps"], opt["ldm_lr"], opt["ldm_batch"], self.stage1_settings),
+                  dataset=lambda pairs: _Latents(pairs, self.encode, self.device), done=self._stage1_done),
+        ]
+
+    def _autoencoder_done(self, rows: list[dict[str, Any]]) -> None:
+        self.autoencoder.eval()
+        self.stage1_log = {"ae_step": [r["step"] for r in rows], "ae_l1": [r["l1"] for r in rows],
+                           "ae_vq": [r["vq"] for r in rows], "seconds": [rows[-1]["seconds"] if rows else 0.0]}
+
+    def _stage1_done(self, rows: list[dict[str, Any]]) -> None:
+        """Freeze stage 1 and mark it ready (the registration network can now be trained)."""
+        log = self.stage1_log or {"seconds": [0.0]}
+        log.update(ldm_step=[r["step"] for r in rows], ldm_mse=[r["mse"] for r in rows],
+                   seconds=[log["seconds"][0] + (rows[-1]["seconds"] if rows else 0.0)])
+        self.stage1_log = log
         for p in self._stage1_parameters():
             p.requires_grad_(False)
         self._feature_cache.clear()
         self.stage1_ready.fill_(True)
         self.train(self.training)
 
-    def _train_stage1(self, data: Any, device: torch.device, progress: bool) -> None:
-        from tqdm.auto import tqdm
 
-        opt = self.stage1_options
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1 as the trainer sees it: a module with a loss, on a dataset of images or latents
+# ----------------------------------------------------------------------------------------------------------------
+class _AutoencoderStage(nn.Module):
+    """The VQ-VAE's training objective: L1 reconstruction + VQ commitment (the codebook is an EMA)."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        x = batch["image"]
+        recon, vq = self.autoencoder(x)
+        l1 = (recon - x).abs().mean()
+        return {"total": l1 + vq.mean(), "l1": l1, "vq": vq.mean()}
+
+
+class _LatentStage(nn.Module):
+    """Eq. 6 on clean latents ``z0``: ``mean (eps - eps_omega(z_t, t))^2`` with ``t`` uniform and ``z_t`` from
+    ``q_sample``."""
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule) -> None:
+        super().__init__()
+        self.unet = unet
+        self.schedule = schedule
+
+    def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        z0 = batch["z0"]
+        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],)).to(z0.device)
+        noise = torch.randn(z0.shape).to(z0.device)
+        z_t = self.schedule.q_sample(z0, t, noise).to(z0.dtype)
+        mse = torch.mean((self.unet(z_t, timesteps=t) - noise) ** 2)
+        return {"total": mse, "mse": mse}
+
+
+class _Images(torch.utils.data.Dataset):
+    """Every moving and fixed image of a pair dataset, ``{"image": (1, *S)}`` (read once)."""
+
+    def __init__(self, pairs: Any) -> None:
         images = []
-        for i in range(len(data)):
-            item = data[i]
+        for i in range(len(pairs)):
+            item = pairs[i]
             images += [item["moving"], item["fixed"]]
-        images = torch.stack(images).to(device)
-        n = images.shape[0]
-        gen = torch.Generator(device="cpu").manual_seed(opt["seed"])
-        log: dict[str, list[float]] = {"ae_step": [], "ae_l1": [], "ae_vq": [], "ldm_step": [], "ldm_mse": []}
-        every = max(1, opt["ae_steps"] // 50)
-        t0 = time.perf_counter()
+        self.images = torch.stack(images)
 
-        # (a) the autoencoder: L1 reconstruction + VQ commitment (EMA codebook)
-        ae = self.autoencoder
-        params = list(ae.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        ae.train()
-        optim = torch.optim.Adam(params, lr=opt["ae_lr"])
-        for step in tqdm(range(1, opt["ae_steps"] + 1), disable=not progress, desc="stage 1: autoencoder"):
-            x = images[torch.randint(0, n, (opt["ae_batch"],), generator=gen).to(device)]
-            recon, vq = ae(x)
-            l1 = (recon - x).abs().mean()
-            loss = l1 + vq.mean()
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            if step % every == 0 or step == opt["ae_steps"]:
-                log["ae_step"].append(float(step))
-                log["ae_l1"].append(l1.item())
-                log["ae_vq"].append(vq.mean().item())
-        ae.eval()
-        for p in params:
-            p.requires_grad_(False)
+    def __len__(self) -> int:
+        return len(self.images)
 
-        # (b) the latent U-Net: eq. 6, E ||eps - eps_omega(z_t, t)||^2 on the (frozen) latents
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"image": self.images[i]}
+
+
+class _Latents(torch.utils.data.Dataset):
+    """``{"z0": E(I)}`` for every image of :class:`_Images` (the frozen encoder, run once on ``device``)."""
+
+    def __init__(self, pairs: Any, encode, device: torch.device) -> None:
+        images = _Images(pairs).images
         with torch.no_grad():
-            latents = torch.cat([self.encode(images[i:i + 64]) for i in range(0, n, 64)])
-        unet = self.unet
-        params = list(unet.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        unet.train()
-        optim = torch.optim.Adam(params, lr=opt["ldm_lr"])
-        T = self.schedule.num_timesteps
-        every = max(1, opt["ldm_steps"] // 50)
-        for step in tqdm(range(1, opt["ldm_steps"] + 1), disable=not progress, desc="stage 1: latent U-Net"):
-            idx = torch.randint(0, n, (opt["ldm_batch"],), generator=gen).to(device)
-            z0 = latents[idx]
-            t = torch.randint(0, T, (z0.shape[0],), generator=gen).to(device)
-            noise = torch.randn(z0.shape, generator=gen).to(device)
-            z_t = self.schedule.q_sample(z0, t, noise).to(z0.dtype)
-            mse = torch.mean((self.eps(z_t, t) - noise) ** 2)
-            optim.zero_grad(set_to_none=True)
-            mse.backward()
-            optim.step()
-            if step % every == 0 or step == opt["ldm_steps"]:
-                log["ldm_step"].append(float(step))
-                log["ldm_mse"].append(mse.item())
-        unet.eval()
-        for p in params:
-            p.requires_grad_(False)
-        log["seconds"] = [time.perf_counter() - t0]
-        log["latent_std"] = [float(latents.std())]
-        self.stage1_log = log
+            self.latents = torch.cat([encode(images[i:i + 64].to(device)).cpu() for i in range(0, len(images), 64)])
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"z0": self.latents[i]}

@@ -310,12 +310,12 @@ def test_prepare_trains_teacher_caches_and_run_restores(tmp_path):
     assert len(table) == 2 and "dice" in table[0]
     # a given teacher (a run directory) is used as is: prepare does not train another one
     other = DiffuseReg(dims=2, **SMALL)
-    other.set_teacher(tmp_path / "teacher")
+    other.set_teacher(load_run(tmp_path / "teacher")[0])
     before = [p.clone() for p in other.teacher.parameters()]
     other.prepare(data, out=None)
     assert all(torch.equal(a, b) for a, b in zip(before, other.teacher.parameters()))
     with pytest.raises(ValueError):
-        DiffuseReg(dims=2, **{**SMALL, "teacher": {"layout": "vm1"}}).set_teacher(tmp_path / "teacher")
+        DiffuseReg(dims=2, **{**SMALL, "teacher": {"layout": "vm1"}}).set_teacher(load_run(tmp_path / "teacher")[0])
 
 
 def test_consistency_weighting_abar():

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from diffreg.config import get_config
 from diffreg.diffusion import ddim_sample, final
 from diffreg.models import MODELS, LDMMorph, build
-from diffreg.models.ldm_morph import LGCA, STAGE1_FILE, hierarchical_similarity, ldm_schedule, window_cross_attention
+from diffreg.models.ldm_morph import LGCA, STAGE1_STAGES, hierarchical_similarity, ldm_schedule, window_cross_attention
 from diffreg.spatial import warp
+from diffreg.train import train_stages
 
 # a tiny two-level LDM-Morph for fast CPU tests (32 x 32 images, 8 x 8 latents)
 TINY = dict(embed_dim=8, depths=(2, 2), num_heads=(2, 2), window_size=4, drop_path_rate=0.0, lgca_heads=2,
@@ -236,17 +237,17 @@ def test_prepare_trains_caches_freezes_and_restores(tmp_path):
     data = _Pairs()
     torch.manual_seed(0)
     model = LDMMorph(dims=2, **TINY)
-    with pytest.raises(RuntimeError, match="prepare"):
+    with pytest.raises(RuntimeError, match="train_stages"):
         model(*_images(1))
     assert model.num_parameters() == model.registration_parameters()  # stage 1 is never in the optimiser
-    model.prepare(data, out=tmp_path)
-    assert (tmp_path / STAGE1_FILE).is_file() and bool(model.stage1_ready)
+    train_stages(model, data, out=tmp_path, progress=False)
+    assert all((tmp_path / name / "checkpoint.pt").is_file() for name in STAGE1_STAGES) and bool(model.stage1_ready)
     assert all(not p.requires_grad for p in model.autoencoder.parameters())
     assert len(model.stage1_log["ae_l1"]) == 3 and len(model.stage1_log["ldm_mse"]) == 3
     # a fresh model with another seed loads the cached stage 1 instead of training it
     torch.manual_seed(5)
     other = LDMMorph(dims=2, **TINY)
-    other.prepare(data, out=tmp_path)
+    train_stages(other, data, out=tmp_path, progress=False)
     for a, b in zip(model.unet.state_dict().values(), other.unet.state_dict().values()):
         assert torch.equal(a, b)
     # the state_dict carries stage 1 (load_run restores the whole model)
