@@ -1,4 +1,4 @@
-"""The interface every registration model in :mod:`diffreg.models` implements (DESIGN.md section 6).
+"""The interface every registration model in :mod:`diffreg.models` implements (the model interface, chapter 02).
 
 * ``forward(moving, fixed) -> ddf``: the registration field, ``(B, ndim, *spatial)`` in voxels (pull convention:
   ``warped(p) = moving(p + ddf(p))``);
