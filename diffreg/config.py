@@ -255,7 +255,7 @@ def _voxelmorph_diff_profile(profile: str, dims: int | None) -> MethodConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DiffuseMorph (Kim, Han, Ye, ECCV 2022); line numbers refer to the paper text in shared/papers (001_...txt)
+# DiffuseMorph (Kim, Han, Ye, ECCV 2022); sections, equations and tables of the published paper
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -263,18 +263,20 @@ def _diffusemorph_model(dims: int) -> dict[str, Any]:
     """DiffuseMorph's architecture and loss weights (the same in both profiles but for lambda in 2D)."""
     return dict(
         # official 3D config: inner_channel 8, channel_multiplier [1, 2, 4, 4], res_blocks 1, attention at the
-        # bottleneck only (the paper, l. 200: "the network architecture designed in DDPM [14]")
+        # bottleneck only (the paper, sec. 4, implementation details: "the network architecture designed in
+        # DDPM [14]")
         widths=(8, 16, 32, 32),
         norm_groups=4,
-        vm_layout="vm1",  # l. 200-202: "the backbone of VoxelMorph-1 [3] for the deformation network"
-        # l. 202: lambda = 20 (cardiac MR, 3D), lambda = 2 (faces, 2D); in 2D the paper profile applies the face
-        # value to cardiac slices (see _diffusemorph_profile)
+        # sec. 4, implementation details: "the backbone of VoxelMorph-1 [3] for the deformation network"
+        vm_layout="vm1",
+        # sec. 4, implementation details: lambda = 20 (cardiac MR, 3D), lambda = 2 (faces, 2D); in 2D the paper
+        # profile applies the face value to cardiac slices (see _diffusemorph_profile)
         lambda_reg=20.0 if dims == 3 else 2.0,
-        lambda_smooth=1.0,  # l. 121: "We set lambda_phi = 1"
-        ncc_window=9,  # l. 121: local NCC of VoxelMorph [3] (window 9)
-        timesteps=2000,  # l. 200: T_train = 2000
-        beta_start=1e-6,  # l. 200: noise level from 10^-6 ...
-        beta_end=1e-2,  # l. 200: ... to 10^-2, linear schedule
+        lambda_smooth=1.0,  # sec. 3.2, eq. 9: "We set lambda_phi = 1"
+        ncc_window=9,  # sec. 3.2, eq. 9: local NCC of VoxelMorph [3] (window 9)
+        timesteps=2000,  # sec. 4, implementation details: T_train = 2000
+        beta_start=1e-6,  # sec. 4, implementation details: noise level from 10^-6 ...
+        beta_end=1e-2,  # sec. 4, implementation details: ... to 10^-2, linear schedule
     )
 
 
@@ -285,9 +287,10 @@ def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
         return MethodConfig(
             method="diffusemorph",
             profile=profile,
-            # lambda = 20, the paper's cardiac value (l. 202), also in 2D: our 2D data are cardiac slices, not the
-            # faces for which the paper used lambda = 2. With lambda = 2 the 1500 quick steps barely register
-            # (Dice 0.71 -> 0.77 against 0.89-0.92 with lambda = 20 on the held-out phantom pairs).
+            # lambda = 20, the paper's cardiac value (sec. 4, implementation details), also in 2D: our 2D data are
+            # cardiac slices, not the faces for which the paper used lambda = 2. With lambda = 2 the 1500 quick
+            # steps barely register (Dice 0.71 -> 0.77 against 0.89-0.92 with lambda = 20 on the held-out phantom
+            # pairs).
             model={**_diffusemorph_model(dims), "lambda_reg": 20.0},
             # lr 1e-3: the paper's 2e-4 (3D) / 5e-6 (2D) is far too slow for a budget of minutes on a CPU;
             # Adam betas (0.5, 0.999) as in the official code.
@@ -301,47 +304,56 @@ def _diffusemorph_profile(profile: str, dims: int | None) -> MethodConfig:
         method="diffusemorph",
         profile=profile,
         model=_diffusemorph_model(dims),
-        # l. 202: cardiac MR lr 2e-4 for 800 epochs (faces: 5e-6, 40 epochs); Adam (l. 202); betas (0.5, 0.999) and
-        # batch 1 from the official 3D training config.
+        # sec. 4, implementation details: cardiac MR lr 2e-4 for 800 epochs (faces: 5e-6, 40 epochs); Adam; betas
+        # (0.5, 0.999) and batch 1 from the official 3D training config.
         # dims=2 is not a paper experiment: the paper's only 2D experiment registers faces, and it has no 2D cardiac
         # one. This 2D profile combines the 3D network widths (the official face network is much wider: inner_channel
         # 64) with the face experiment's hyper-parameters (lambda 2, lr 5e-6, 40 epochs) and applies them to 2D
         # cardiac slices (see the DiffuseMorph docstring and chapter 04).
         train=TrainConfig(epochs=800 if dims == 3 else 40, lr=2e-4 if dims == 3 else 5e-6, batch_size=1,
                           betas=(0.5, 0.999), scheduler="constant", log_every=100, checkpoint_every=5000),
-        # l. 196: ACDC cropped to 128 x 128 x 32. l. 241: "We tested the image registration of the end-diastolic images
-        # aligned with the end-systolic images": moving = ED, fixed = ES (the official code's direction too)
+        # sec. 4, datasets: ACDC cropped to 128 x 128 x 32. sec. 4.2: "We tested the image registration of the
+        # end-diastolic images aligned with the end-systolic images": moving = ED, fixed = ES (the official code's
+        # direction too)
         data=_cardiac_data(dims, (128, 128), (32, 128, 128), direction="ed->es"),
         source="Kim, Han, Ye 2022 (DiffuseMorph, ECCV), sec. 3.2 and sec. 4 implementation details",
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DiffuseReg (Zhuo & Shen, MICCAI 2024); line numbers refer to the paper text in shared/papers (000_...txt)
+# DiffuseReg (Zhuo & Shen, MICCAI 2024); sections (and their paragraph titles), equations and tables of the paper
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _diffusereg_model(dims: int) -> dict[str, Any]:
     """DiffuseReg at the paper's size (the official configuration where the paper is silent)."""
     return dict(
-        feature_size=120,  # official train_3D.json "swin_unetR": feature_size 120 (the paper: SwinU-NetR, l. 49)
+        # official train_3D.json "swin_unetR": feature_size 120 (the paper: SwinU-NetR, sec. 2, architecture for
+        # denoising network)
+        feature_size=120,
         depths=(2, 2, 2, 2),  # official: depths [2, 2, 2, 2]
         num_heads=(3, 6, 12, 24),  # official: num_heads [3, 6, 12, 24]
         window=(2, 4, 4) if dims == 3 else (4, 4),  # official 3D window [2, 4, 4]; 2D: ours (not in the paper)
-        mask="paper",  # l. 59 / Fig. 2d: locality mask, full attention to the time token
-        time_in_resblocks=True,  # l. 103, Table 2 "RT": time token in the ResBlocks
-        lambda_sim=1.0,  # l. 79: lambda_1 = 1
-        lambda_reg=0.1,  # l. 79: lambda_2 = 0.1
-        ssim_kernel=9,  # l. 79: "SSIM with kernel size 9"
+        # sec. 2, attention mask with conditions, and Fig. 2d: locality mask, full attention to the time token
+        mask="paper",
+        # sec. 3, ablation study on denoising network, Table 2 "RT": time token in the ResBlocks
+        time_in_resblocks=True,
+        lambda_sim=1.0,  # sec. 3, implementation details: lambda_1 = 1
+        lambda_reg=0.1,  # sec. 3, implementation details: lambda_2 = 0.1
+        ssim_kernel=9,  # sec. 3, implementation details: "SSIM with kernel size 9"
         consistency_weighting="none",  # eq. 3: L_sim and L_reg on phi0_hat at every sampled t (official code too)
-        parameterization="eps",  # l. 47, 61: the denoising network predicts the noise
+        # sec. 2, problem formulation and training objective: the denoising network predicts the noise
+        parameterization="eps",
         diffusion_weighting="none",  # eq. 4 as written
-        timesteps=2000,  # l. 79: T_train = 2000
-        beta_start=1e-6,  # l. 79: noise schedule from 10^-6 ...
-        beta_end=1e-2,  # l. 79: ... to 10^-2, linear
-        sampler="ddpm",  # l. 82, 86: ancestral sampling from pure noise over all T steps (333 s per volume)
+        timesteps=2000,  # sec. 3, implementation details: T_train = 2000
+        beta_start=1e-6,  # sec. 3, implementation details: noise schedule from 10^-6 ...
+        beta_end=1e-2,  # sec. 3, implementation details: ... to 10^-2, linear
+        # sec. 3, implementation details and results, Table 1: ancestral sampling from pure noise over all T steps
+        # (333 s per volume)
+        sampler="ddpm",
         sample_steps=None,
-        # l. 79: phi_0 from a pre-trained VTN (ADDD); ours: a VoxelMorph-2 trained like chapter 02's paper profile
+        # sec. 3, implementation details: phi_0 from a pre-trained VTN (ADDD); ours: a VoxelMorph-2 trained like
+        # chapter 02's paper profile
         teacher=dict(layout="vm2", similarity="ncc", smooth_weight=1.0),
         teacher_steps=150_000,
         teacher_lr=1e-4,
@@ -381,7 +393,8 @@ def _diffusereg_profile(profile: str, dims: int | None) -> MethodConfig:
             method="diffusereg",
             profile=profile,
             model=model,
-            # AdamW + cosine as the paper (l. 79-82); lr 2e-3: the paper's 1e-4 is far too slow for minutes on a CPU
+            # AdamW + cosine as the paper (sec. 3, implementation details); lr 2e-3: the paper's 1e-4 is far too
+            # slow for minutes on a CPU
             train=TrainConfig(steps=1000 if dims == 2 else 150, lr=2e-3, optimizer="adamw", weight_decay=1e-4,
                               scheduler="cosine", min_lr_ratio=0.01, batch_size=1, log_every=25,
                               checkpoint_every=200),
@@ -394,41 +407,43 @@ def _diffusereg_profile(profile: str, dims: int | None) -> MethodConfig:
         method="diffusereg",
         profile=profile,
         model=_diffusereg_model(dims),
-        # l. 79-82: AdamW, weight decay 1e-4, batch 1, cosine annealing from 1e-4, 1200 epochs; the official
-        # config anneals to eta_min 1e-6 (min_lr_ratio 0.01)
+        # sec. 3, implementation details: AdamW, weight decay 1e-4, batch 1, cosine annealing from 1e-4, 1200
+        # epochs; the official config anneals to eta_min 1e-6 (min_lr_ratio 0.01)
         train=TrainConfig(epochs=1200, lr=1e-4, optimizer="adamw", weight_decay=1e-4, scheduler="cosine",
                           min_lr_ratio=0.01, batch_size=1, log_every=100, checkpoint_every=5000),
-        # l. 84: ACDC 3D; the official image_size [32, 128, 128] (the preprocessing of DiffuseMorph / FSDiffReg).
-        # l. 84: "we used the end-diastolic volumes as fixed images and end-systolic as moving": ES -> ED
+        # sec. 3, datasets and metrics: ACDC 3D; the official image_size [32, 128, 128] (the preprocessing of
+        # DiffuseMorph / FSDiffReg); "we used the end-diastolic volumes as fixed images and end-systolic as moving":
+        # ES -> ED
         data=_cardiac_data(dims, (128, 128), (32, 128, 128), direction="es->ed"),
         source="Zhuo & Shen 2024 (DiffuseReg, MICCAI), sec. 2-3 and the official configuration train_3D.json",
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FSDiffReg (Qin & Li, MICCAI 2023); line numbers refer to the paper text in shared/papers (002_...txt)
+# FSDiffReg (Qin & Li, MICCAI 2023); sections (and their paragraph titles), equations and tables of the paper
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _fsdiffreg_model() -> dict[str, Any]:
     """FSDiffReg's architecture and loss weights (the same in both profiles)."""
     return dict(
-        # l. 94: "DDPM UNet's 3D encoder as our shared encoder and DDPM UNet's 3D decoder as our diffusion decoder",
-        # the registration decoder of the same shape; widths from the official train_3D.json (inner_channel 8,
-        # channel_multiplier [1, 2, 4, 4], res_blocks 1; GroupNorm 4 and 4 cross-attention heads in its U-Net)
+        # sec. 3, implementation details: "DDPM UNet's 3D encoder as our shared encoder and DDPM UNet's 3D decoder
+        # as our diffusion decoder", the registration decoder of the same shape; widths from the official
+        # train_3D.json (inner_channel 8, channel_multiplier [1, 2, 4, 4], res_blocks 1; GroupNorm 4 and 4
+        # cross-attention heads in its U-Net)
         widths=(8, 16, 32, 32),
         num_res_blocks=1,
         norm_groups=4,
         heads=4,
-        fdg=True,  # l. 54-66, eq. 2-3: Feature-wise Diffusion-Guided module
-        sdg=True,  # l. 68-76, eq. 4: Score-wise Diffusion-Guided loss
-        gamma=1.0,  # l. 94: gamma = 1
-        lambda_sim=20.0,  # l. 86 and l. 94: lambda = 20
-        lambda_smooth=20.0,  # l. 86 and l. 94: lambda_phi = 20
+        fdg=True,  # sec. 2.2, eq. 2-3: Feature-wise Diffusion-Guided module
+        sdg=True,  # sec. 2.3, eq. 4: Score-wise Diffusion-Guided loss
+        gamma=1.0,  # sec. 3, implementation details: gamma = 1
+        lambda_sim=20.0,  # sec. 2.4 (loss function) and sec. 3 (implementation details): lambda = 20
+        lambda_smooth=20.0,  # sec. 2.4 (loss function) and sec. 3 (implementation details): lambda_phi = 20
         ncc_window=9,  # official crossCorrelation3D kernel (9, 9, 9)
-        timesteps=2000,  # l. 94: "over 2000 timesteps"
-        beta_start=1e-6,  # l. 94: noise schedule from 10^-6 ...
-        beta_end=1e-2,  # l. 94: ... to 10^-2 (linear in the official config)
+        timesteps=2000,  # sec. 3, implementation details: "over 2000 timesteps"
+        beta_start=1e-6,  # sec. 3, implementation details: noise schedule from 10^-6 ...
+        beta_end=1e-2,  # sec. 3, implementation details: ... to 10^-2 (linear in the official config)
     )
 
 
@@ -453,25 +468,27 @@ def _fsdiffreg_profile(profile: str, dims: int | None) -> MethodConfig:
         method="fsdiffreg",
         profile=profile,
         model=_fsdiffreg_model(),
-        # l. 94: Adam, lr 2e-4, batch size 1, at most 700 epochs; betas (0.5, 0.999) from the official code
+        # sec. 3, implementation details: Adam, lr 2e-4, batch size 1, at most 700 epochs; betas (0.5, 0.999) from
+        # the official code
         train=TrainConfig(epochs=700, lr=2e-4, batch_size=1, betas=(0.5, 0.999), scheduler="constant",
                           log_every=100, checkpoint_every=5000),
-        # l. 92: ACDC resampled to 1.5 x 1.5 x 3.15 mm and cropped to 128 x 128 x 32 (array order D, H, W);
-        # l. 92: "the 3D image at the end of the diastolic stage as the fixed image and the image at the end of the
-        # systolic stage as the moving image": ES -> ED (the official code registers ED onto ES instead)
+        # sec. 3, dataset and preprocessing: ACDC resampled to 1.5 x 1.5 x 3.15 mm and cropped to 128 x 128 x 32
+        # (array order D, H, W); "the 3D image at the end of the diastolic stage as the fixed image and the image at
+        # the end of the systolic stage as the moving image": ES -> ED (the official code registers ED onto ES
+        # instead)
         data=_cardiac_data(dims, (128, 128), (32, 128, 128), direction="es->ed"),
         source="Qin & Li 2023 (FSDiffReg, MICCAI), sec. 2.4 and 3 (implementation details), official train_3D.json",
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LDM-Morph (Wu & Gong 2024); line numbers refer to the paper text in shared/papers (003_...txt)
+# LDM-Morph (Wu & Gong 2024); sections, equations and tables of the paper
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @register_profile("ldm-morph")
 def _ldm_morph_profile(profile: str, dims: int | None) -> MethodConfig:
-    dims = dims or 2  # the paper is 2D (l. 72); 3D builds the same network with 3D blocks
+    dims = dims or 2  # the paper is 2D (sec. 3.1); 3D builds the same network with 3D blocks
     if profile == "quick":
         return MethodConfig(
             method="ldm-morph",
@@ -481,8 +498,8 @@ def _ldm_morph_profile(profile: str, dims: int | None) -> MethodConfig:
                 embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4), window_size=4, patch_size=4, mlp_ratio=4.0,
                 qkv_bias=False, drop_path_rate=0.0, lgca_heads=2,
                 use_ldm_features=True, use_lgca=True,
-                beta=0.6,  # l. 198
-                lambda_smooth=0.01,  # l. 198
+                beta=0.6,  # sec. 4.2
+                lambda_smooth=0.01,  # sec. 4.2
                 ae_channels=(8, 16), ae_res_layers=1, ae_embeddings=256, ae_embedding_dim=1,
                 ldm_channels=(8, 16, 16), ldm_attention=(False, False, False), ldm_res_blocks=2,
                 ldm_head_channels=8, ldm_norm_groups=8,
@@ -509,30 +526,30 @@ def _ldm_morph_profile(profile: str, dims: int | None) -> MethodConfig:
             qkv_bias=False, drop_path_rate=0.3,
             lgca_heads=4,  # official get_CrossAttention_config: num_heads[0] = 4 in every LWCA module
             use_ldm_features=True, use_lgca=True,  # the full model (Table 3, last row)
-            beta=0.6,  # l. 198: beta = 0.6
-            lambda_smooth=0.01,  # l. 198: lambda = 0.01
-            # l. 198: VQGAN, one latent map at 1/4 resolution; official autoencoder_camus_vq16: ch 128,
+            beta=0.6,  # sec. 4.2: beta = 0.6
+            lambda_smooth=0.01,  # sec. 4.2: lambda = 0.01
+            # sec. 4.2: VQGAN, one latent map at 1/4 resolution; official autoencoder_camus_vq16: ch 128,
             # ch_mult 1,2,4, num_res_blocks 2, z_channels 1, n_embed 16384
             ae_channels=(128, 256, 512), ae_res_layers=2, ae_embeddings=16384, ae_embedding_dim=1,
-            # l. 198: three layers per encoder level, 64 channels; official casmus-ldm-vq16-64ch: channel_mult
+            # sec. 4.2: three layers per encoder level, 64 channels; official casmus-ldm-vq16-64ch: channel_mult
             # 1,2,3,4, num_res_blocks 2, attention_resolutions 8,4,2, num_head_channels 32
             ldm_channels=(64, 128, 192, 256), ldm_attention=(False, True, True, True), ldm_res_blocks=2,
             ldm_head_channels=32, ldm_norm_groups=32,
-            timesteps=1000,  # l. 104: T = 1000
+            timesteps=1000,  # sec. 3.2: T = 1000
             beta_start=0.0015, beta_end=0.0195,  # official LDM config: linear_start / linear_end
-            feature_t=1,  # l. 198: features extracted at t = 1
-            feature_noise="ddim",  # l. 106: DDIM inversion with t steps
+            feature_t=1,  # sec. 4.2: features extracted at t = 1
+            feature_noise="ddim",  # sec. 3.2: DDIM inversion with t steps
             # stage 1 (not stated in the paper): official configs, lr = base_lr x batch x accumulation
             # (autoencoder 4.5e-6 x 10 x 2, LDM 1e-6 x 20); the number of steps is ours
             ae_steps=50_000, ae_lr=9e-5, ae_batch=20, ldm_steps=50_000, ldm_lr=2e-5, ldm_batch=20, stage1_seed=0,
             cache_features=False,
         ),
-        # l. 198: Adam, lr 1e-4, batch 1; 24,000 iterations in the official train.py (the paper keeps the best
-        # validation checkpoint, l. 198, which diffreg.train does not do)
+        # sec. 4.2: Adam, lr 1e-4, batch 1; 24,000 iterations in the official train.py (the paper keeps the best
+        # validation checkpoint, sec. 4.2, which diffreg.train does not do)
         train=TrainConfig(steps=24_000, lr=1e-4, batch_size=1, scheduler="constant", log_every=100,
                           checkpoint_every=2000),
-        # l. 188: 112 x 112 resized and padded to 128 x 128, intensities [0, 1]; l. 188: "registering the
-        # end-diastolic images to their corresponding end-systolic images": ED -> ES (CAMUS-2CH and -4CH, l. 188)
+        # sec. 4.1: 112 x 112 resized and padded to 128 x 128, intensities [0, 1]; "registering the end-diastolic
+        # images to their corresponding end-systolic images": ED -> ES (CAMUS-2CH and -4CH)
         data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128), intensity=(0.0, 1.0),
                         phantom="echo" if dims == 2 else "sax3d", n_subjects=40, direction="ed->es"),
         source="Wu & Gong 2024 (LDM-Morph), sec. 3-4.2; official LDM-Morph configs and train.py",
@@ -540,7 +557,7 @@ def _ldm_morph_profile(profile: str, dims: int | None) -> MethodConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DRDM (Zheng et al. 2024); line numbers refer to the paper text in shared/papers (004_...txt)
+# DRDM (Zheng et al. 2024); sections, equations and tables of the paper
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -549,21 +566,21 @@ def _drdm_model(dims: int) -> dict[str, Any]:
     return dict(
         widths=(10, 20, 40),  # Appendix A / official RecResACNet: 10, 20, 40 channels (2D: 435,435 trainable)
         time_dim=100,  # official RecResACNet: time_emb_dim 100
-        recursions=2,  # l. 199: K = 2
-        timesteps=80,  # l. 357: T = 80
-        alpha=0.6, beta=1.0,  # l. 359: n_t = floor(t^0.6), alpha = 0.6, beta = 1
-        cum_alpha=1.3, cum_beta=1.5,  # l. 359: n_{t:1} = floor(t^1.3 / 1.5) in practice
+        recursions=2,  # sec. 2.2.1: K = 2
+        timesteps=80,  # sec. 3.3: T = 80
+        alpha=0.6, beta=1.0,  # sec. 3.3: n_t = floor(t^0.6), alpha = 0.6, beta = 1
+        cum_alpha=1.3, cum_beta=1.5,  # sec. 3.3: n_{t:1} = floor(t^1.3 / 1.5) in practice
         # ours: finest-scale SD as a fraction of the image size, for fresh fields at every composition (the official
-        # v_scale 4e-5 is for one field composed with itself). Calibrated on Table 1 (l. 306-313) at the paper
+        # v_scale 4e-5 is for one field composed with itself). Calibrated on Table 1 at the paper
         # geometry (256 x 256, fresh fields, T' = 70; tests/models/test_drdm.py measures it): max |psi| 12.5 % and
         # mean |psi| 5.1 % of the image size (16 fields), paper 14.8 % and 4.3 %. One sigma cannot hit both: our
         # fields are smoother (max / mean 2.5 against the paper's 3.4), so sigma balances the two errors (-16 %, +18 %)
         sigma=7e-4,
         scales=4,  # eq. 6, m = 3: official control grids 64, 32, 16, 8
-        canvas=2.0,  # l. 357: h, w, d twice H, W, D
+        canvas=2.0,  # sec. 3.3: h, w, d twice H, W, D
         control_spacing=8 if dims == 2 else 4,  # official ctl_sz = 64 on the 512 (2D) / 256 (3D) canvas
-        perturb=0.05,  # l. 357: 5 % disturbance of the created DVF
-        lambda_dist=1.0, lambda_ang=1.0, lambda_reg=10.0,  # l. 362: lambda_1 = 1, lambda_2 = 1, lambda_3 = 10
+        perturb=0.05,  # sec. 3.3: 5 % disturbance of the created DVF
+        lambda_dist=1.0, lambda_ang=1.0, lambda_reg=10.0,  # sec. 3.3: lambda_1 = 1, lambda_2 = 1, lambda_3 = 10
         eps=1e-2,
         train_on=("moving", "fixed"),
         work_size=None,
@@ -579,7 +596,7 @@ def _drdm_profile(profile: str, dims: int | None) -> MethodConfig:
         model.update(
             widths=(8, 16, 32),  # a smaller recovery U-Net (282,513 parameters in 2D)
             # DRDM works at half the data size and its fields are resized to 64 x 64 (the paper resizes generated
-            # fields to the downstream size, l. 351); the canvas is 64, the control grid 32 (16, 8 below it)
+            # fields to the downstream size, sec. 3.2); the canvas is 64, the control grid 32 (16, 8 below it)
             work_size=(32, 32) if dims == 2 else (16, 32, 32),
             control_spacing=2,
             scales=3,
@@ -607,11 +624,11 @@ def _drdm_profile(profile: str, dims: int | None) -> MethodConfig:
         method="drdm",
         profile=profile,
         model=_drdm_model(dims),
-        # l. 362: Adam, lr 1e-4, batch 64 (2D) / 4 (3D) images, 1000 (2D) / 2000 (3D) epochs; a pair gives two
+        # sec. 3.3: Adam, lr 1e-4, batch 64 (2D) / 4 (3D) images, 1000 (2D) / 2000 (3D) epochs; a pair gives two
         # training images (moving and fixed), hence 32 / 2 pairs per batch
         train=TrainConfig(epochs=1000 if dims == 2 else 2000, lr=1e-4, batch_size=32 if dims == 2 else 2,
                           scheduler="constant", log_every=100, checkpoint_every=5000),
-        # l. 357: 256 x 256 (2D cardiac MRI), 128^3 (3D CT)
+        # sec. 3.3: 256 x 256 (2D cardiac MRI), 128^3 (3D CT)
         data=_cardiac_data(dims, (256, 256), (128, 128, 128)),
         source="Zheng et al. 2024 (DRDM), sec. 2-3.3 and Appendix A; official def_diff_rec RecResACNet and configs",
     )

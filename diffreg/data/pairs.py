@@ -15,18 +15,19 @@ and whose attributes ``labels`` (``"acdc"`` or ``"camus"``), ``structures`` (nam
 ``direction`` and ``intensity`` describe it. The default ``DataLoader`` collate works (no ``None`` values).
 
 **Direction.** ``direction="es->ed"`` registers end-systole (moving) to end-diastole (fixed), as the DiffuseReg
-text ("we used the end-diastolic volumes as fixed images and end-systolic as moving", l. 84) and the FSDiffReg text
-(l. 92) do on ACDC (default for ACDC and the short-axis phantoms); ``"ed->es"`` (moving = ED, fixed = ES) is
-DiffuseMorph's ("the end-diastolic images aligned with the end-systolic images", l. 241, and its official code) and
-LDM-Morph's CAMUS setting, "registering the end-diastolic images to their corresponding end-systolic images" (l. 188;
-default for CAMUS and the echo phantom). The paper profiles of :mod:`diffreg.config` set each paper's direction.
+text ("we used the end-diastolic volumes as fixed images and end-systolic as moving", sec. 3, datasets and
+metrics) and the FSDiffReg text (sec. 3, dataset and preprocessing) do on ACDC (default for ACDC and the short-axis
+phantoms); ``"ed->es"`` (moving = ED, fixed = ES) is DiffuseMorph's ("the end-diastolic images aligned with the
+end-systolic images", sec. 4.2, and its official code) and LDM-Morph's CAMUS setting, "registering the end-diastolic
+images to their corresponding end-systolic images" (sec. 4.1; default for CAMUS and the echo phantom). The paper
+profiles of :mod:`diffreg.config` set each paper's direction.
 
 **Splits** are by subject (patient), deterministic, and interleaved over the sorted subject list
 (:func:`split_indices`: 70 % train, 10 % val, 20 % test): ACDC's 100 training patients are stored in blocks of 20
 per pathology group, so every group lands in every split (4 test and 2 validation patients per group). ACDC also
 offers ``split_scheme="official"``: train and val (90 / 10 %, interleaved the same way) from the given folder, test =
 the patients of the sibling ``testing/`` folder of the official release (DiffuseReg's protocol: 100 training, 50
-testing volumes, l. 84).
+testing volumes, sec. 3, datasets and metrics).
 
 **Preprocessing** (``profile``):
 

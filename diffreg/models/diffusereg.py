@@ -1,68 +1,74 @@
 """DiffuseReg (Zhuo & Shen, MICCAI 2024): a diffusion model over the deformation field itself.
 
-Explained in chapter 06 (``notebooks/06_diffusereg.md``). Line numbers (``l. N``) refer to the paper text in
-``shared/papers/000_71e367197992988b.txt``.
+Explained in chapter 06 (``notebooks/06_diffusereg.md``); how the ``quick`` profile came to predict ``phi_0``
+(the variants tried and what they measured) is in ``benchmarks/diffusereg_diagnosis/README.md``. References
+(sec., eq., Fig., Table) are to the MICCAI 2024 paper; "sec. 2, training objective" names the paragraph of sec. 2
+with that title.
 
 Method, top to bottom (paper sec. 2):
 
-1. **Problem** (eq. 1, l. 43-47): the field ``phi`` is the DDPM variable. ``phi_T ~ N(0, I)`` and
-   ``phi_{t-1} = D(phi_t | f, m, t)`` for ``t = T ... 1``; the denoiser ``D`` predicts the noise ``eps``. Our
+1. **Problem** (eq. 1; sec. 2, problem formulation): the field ``phi`` is the DDPM variable. ``phi_T ~ N(0, I)``
+   and ``phi_{t-1} = D(phi_t | f, m, t)`` for ``t = T ... 1``; the denoiser ``D`` predicts the noise ``eps``. Our
    ``phi`` is the displacement ``(B, dims, *spatial)`` in voxels (pull convention, channel ``i`` along array axis
-   ``i``), z-scored per channel with training-set statistics (l. 79) before it is diffused: the state of the chain
-   is ``x = (phi - mu) / sigma``. ``mu`` and ``sigma`` are buffers (``field_mean``, ``field_std``), so a checkpoint
-   carries them. The paper's VTN statistics (l. 79) are ``mu = [0.0014, -0.0758, -0.1493]``,
-   ``sigma = [0.4636, 1.1375, 1.2221]``; ours are computed from our teacher on our training set
-   (:meth:`DiffuseReg.compute_field_stats`).
-2. **Targets** ``phi_0`` (l. 79): "Pre-trained VTN (ADDD) provided the phi_0". We use a trained
-   :class:`~diffreg.models.VoxelMorph` (chapter 02) as the teacher: :meth:`DiffuseReg.prepare` trains it (cached
-   under ``out / "teacher"``) unless one was given with :meth:`DiffuseReg.set_teacher`. The teacher stays inside
-   the module, frozen (``requires_grad=False``, always in eval mode), so ``diffreg.train.load_run`` restores it;
-   its fields are recomputed on the fly for every training batch (one VoxelMorph pass, cheap next to the
-   denoiser), as the official code does with its frozen VTN.
-3. **Denoiser** (Fig. 2, l. 49-59): :class:`DiffuseRegDenoiser`, a Swin-UNETR (Hatamizadeh et al., built from
-   MONAI's ``swin_unetr`` pieces) with
+   ``i``), z-scored per channel with training-set statistics (sec. 3, implementation details) before it is
+   diffused: the state of the chain is ``x = (phi - mu) / sigma``. ``mu`` and ``sigma`` are buffers
+   (``field_mean``, ``field_std``), so a checkpoint carries them. The paper's VTN statistics (sec. 3,
+   implementation details) are ``mu = [0.0014, -0.0758, -0.1493]``, ``sigma = [0.4636, 1.1375, 1.2221]``; ours
+   are computed from our teacher on our training set (:meth:`DiffuseReg.compute_field_stats`).
+2. **Targets** ``phi_0`` (sec. 3, implementation details): "Pre-trained VTN (ADDD) provided the phi_0". We use a
+   trained :class:`~diffreg.models.VoxelMorph` (chapter 02) as the teacher, a stage trained before the main loop
+   (:meth:`DiffuseReg.stages`: ``diffreg.train.fit`` trains it as a run of its own in ``out / "teacher"``) unless
+   one was given with :meth:`DiffuseReg.set_teacher`. The teacher stays
+   inside the module, frozen (``requires_grad=False``, always in eval mode), so ``diffreg.train.load_run``
+   restores it; its fields are recomputed on the fly for every training batch (one VoxelMorph pass, cheap next to
+   the denoiser), as the official code does with its frozen VTN.
+3. **Denoiser** (Fig. 2; sec. 2, architecture for denoising network to attention mask with conditions):
+   :class:`DiffuseRegDenoiser`, a Swin-UNETR (Hatamizadeh et al., built from MONAI's ``swin_unetr`` pieces) with
 
    * an **image encoder**: a Swin transformer applied separately to ``f`` and to ``m`` (shared weights, as the
      official code: one ``swinViT_cond`` module called twice); the tokens entering each of its S/W-MSA layers
-     (after the block's LayerNorm) are recorded (l. 51: "image encoder outputs preceding its S/W-MSA layers are
-     injected into the backbone encoder's corresponding S/W-MSA inputs");
+     (after the block's LayerNorm) are recorded (sec. 2, condition fusion in denoising network: "image encoder
+     outputs preceding its S/W-MSA layers are injected into the backbone encoder's corresponding S/W-MSA
+     inputs");
    * a **backbone encoder** on the noisy field whose window attention fuses, per window ``i``, the concatenation
      ``[T^t, T_i^F, T_i^M, T_i^phi]`` and keeps only the field tokens (eq. 2, :class:`ConditionalWindowAttention`);
      the time token is the sinusoidal embedding of ``t`` through an MLP, projected to each stage's width;
-   * the **conditional attention mask** (l. 59, Fig. 2d, :func:`conditional_attention_mask`): ``mask="paper"``
-     lets an image/field token attend to the tokens of every group at *adjacent* window positions (Chebyshev
-     distance <= 1, "sequential adjacency") and everything attend to the time token ("full attention between the
-     time token and other tokens"); ``mask="shifted"`` is what the official code does instead: the standard
-     shifted-window region mask tiled over the three token groups (no locality inside a window);
-     ``mask="none"`` masks nothing (not even the shifted-window regions);
+   * the **conditional attention mask** (sec. 2, attention mask with conditions; Fig. 2d;
+     :func:`conditional_attention_mask`): ``mask="paper"`` lets an image/field token attend to the tokens of
+     every group at *adjacent* window positions (Chebyshev distance <= 1, "sequential adjacency") and everything
+     attend to the time token ("full attention between the time token and other tokens"); ``mask="shifted"`` is
+     what the official code does instead: the standard shifted-window region mask tiled over the three token
+     groups (no locality inside a window); ``mask="none"`` masks nothing (not even the shifted-window regions);
    * a **CNN decoder** of residual blocks (UNETR style) into which the time embedding is added after the first
-     convolution of every ResBlock ("time-infused ResBlocks", Table 2 "RT", l. 103; switch off with
-     ``time_in_resblocks=False``).
+     convolution of every ResBlock ("time-infused ResBlocks", Table 2 "RT"; sec. 3, ablation study on denoising
+     network; switch off with ``time_in_resblocks=False``).
 
-4. **Loss** (eq. 3-4, l. 61-75)::
+4. **Loss** (eq. 3-4; sec. 2, training objective and consistency regularization)::
 
        L = L_diffuse + lambda_1 L_sim(f, m o phi0_hat) + lambda_2 L_reg(phi0_hat)
        L_diffuse = mean (D(c, phi_t, t) - eps)^2                         (eq. 4)
        phi0_hat  = (phi_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)      (eq. 3, then de-normalised)
-       L_sim     = 1 - SSIM_9(m o phi0_hat, f)      (l. 79: "SSIM with kernel size 9")
+       L_sim     = 1 - SSIM_9(m o phi0_hat, f)      (sec. 3, implementation details: "SSIM with kernel size 9")
        L_reg     = mean ||grad phi0_hat||^2        (diffreg.losses.gradient_smoothness, as the official Grad('l2'))
 
-   with ``lambda_1 = 1``, ``lambda_2 = 0.1`` (l. 79). The paper writes "alpha_t" in eq. 3 for DDPM's ``abar_t``.
-   ``use_teacher=False`` is the ablation of Table 2 row 6 (l. 127): no ``phi_0`` and no denoising loss, the
-   network is trained by ``L_sim + L_reg`` on ``phi0_hat`` alone (the chain starts from ``x_0 ~ N(0, I)``).
-5. **Sampling** (l. 75, 86, 101): ancestral DDPM over all ``T`` steps (the paper, 333 s per volume) or DDIM with
-   any number of steps (the paper mentions DDIM, 6.5 -> 0.5 min; the official code has none) via
-   :func:`diffreg.diffusion.ddpm_sample` / :func:`~diffreg.diffusion.ddim_sample`. :meth:`DiffuseReg.sample` yields a
-   :class:`FieldState` (``t``, ``phi_t``, ``phi0_hat``, warped image, ...) at every step, can stop early
-   (``stop_at``: a timestep or a callable, l. 101: "the inference process can be manually stopped") and can be
-   **guided** (l. 86: "adding prior information to guide the sampling process via a classifier-guided diffusion
-   scheme, such as control the smoothness ... and the target organ"; described, never released): at every step
-   the estimate ``phi0_hat`` takes one gradient step on the energies of the given guidance callables
-   (:func:`smoothness_guidance`, :func:`region_guidance`) before the sampler update uses it.
+   with ``lambda_1 = 1``, ``lambda_2 = 0.1`` (sec. 3, implementation details). The paper writes "alpha_t" in
+   eq. 3 for DDPM's ``abar_t``. ``use_teacher=False`` is the ablation of Table 2 row 6 (sec. 3, ablation study on
+   phi_0): no ``phi_0`` and no denoising loss, the network is trained by ``L_sim + L_reg`` on ``phi0_hat`` alone
+   (the chain starts from ``x_0 ~ N(0, I)``).
+5. **Sampling** (sec. 2, consistency regularization; sec. 3, results): ancestral DDPM over all ``T`` steps (the
+   paper, 333 s per volume, Table 1) or DDIM with any number of steps (the paper mentions DDIM, 6.5 -> 0.5 min;
+   the official code has none) via :func:`diffreg.diffusion.ddpm_sample` / :func:`~diffreg.diffusion.ddim_sample`.
+   :meth:`DiffuseReg.sample` yields a :class:`FieldState` (``t``, ``phi_t``, ``phi0_hat``, warped image, ...) at
+   every step, can stop early (``stop_at``: a timestep or a callable; sec. 3, results: "the inference process can
+   be manually stopped") and can be **guided** (sec. 3, results: "adding prior information to guide the sampling
+   process via a classifier-guided diffusion scheme, such as control the smoothness ... and the target organ";
+   described, never released): at every step the estimate ``phi0_hat`` takes one gradient step on the energies of
+   the given guidance callables (:func:`smoothness_guidance`, :func:`region_guidance`) before the sampler update
+   uses it.
 
-Schedule (l. 79): betas linear from 1e-6 to 1e-2 over ``T_train = 2000``; 0-based timesteps as everywhere in
-:mod:`diffreg.diffusion`. Optimiser (l. 79-82): AdamW, weight decay 1e-4, cosine learning rate from 1e-4,
-batch 1, 1200 epochs (see :mod:`diffreg.config`).
+Schedule (sec. 3, implementation details): betas linear from 1e-6 to 1e-2 over ``T_train = 2000``; 0-based
+timesteps as everywhere in :mod:`diffreg.diffusion`. Optimiser (same paragraph): AdamW, weight decay 1e-4, cosine
+learning rate from 1e-4, batch 1, 1200 epochs (see :mod:`diffreg.config`).
 
 Facts taken from the official code (the paper is silent): feature size 120, depths (2, 2, 2, 2), heads
 (3, 6, 12, 24), window (2, 4, 4), patch size 2 (Swin-UNETR defaults otherwise); the image encoder shares its
@@ -80,9 +86,10 @@ Deviations and choices (each also in the box of chapter 06):
   is empty); MONAI's shifted-window mask uses ``-100``.
 * The official code z-scores the image pair with one mean/std over the whole batch; we do it per pair, so a
   registration does not depend on the other pairs of its batch.
-* ``mask="paper"`` is our reading of l. 59 / Fig. 2d (locality by relative position, time token unmasked); the
-  official code uses ``mask="shifted"``. In the Table 2 ablation (chapter 06), row 3 "no conditional mask" is
-  trained with ``mask="none"``; one extra row, not in the paper, trains row 2 with the official ``mask="shifted"``.
+* ``mask="paper"`` is our reading of sec. 2, attention mask with conditions, and Fig. 2d (locality by relative
+  position, time token unmasked); the official code uses ``mask="shifted"``. In the Table 2 ablation (chapter 06),
+  row 3 "no conditional mask" is trained with ``mask="none"``; one extra row, not in the paper, trains row 2 with
+  the official ``mask="shifted"``.
 * **SSIM term** (``L_sim``, :func:`diffreg.losses.ssim_loss`: MONAI ``compute_ssim_and_cs``, Gaussian window 9,
   sigma 1.5): the constants use the fixed image's intensity range as ``data_range`` and the windows are not padded
   (the mean runs over the valid windows); the official ``SSIM3D(kernel_size=9)`` uses ``max_val = 1`` and reflect
@@ -93,22 +100,14 @@ Deviations and choices (each also in the box of chapter 06):
 * ``parameterization="x0"`` with ``diffusion_weighting="x0"`` (``quick`` profile only): the network outputs the
   field estimate ``phi0_hat`` itself and ``eps_hat = (phi_t - sqrt(abar_t) phi0_hat) / sqrt(1 - abar_t)``; eq. 3
   then returns the network's output, and eq. 4 is weighted by ``(1 - abar_t) / abar_t``, i.e. the loss is the mean
-  squared error of ``phi0_hat`` against the teacher field. Why (chapter 06, "Why the samples fold", and
-  ``benchmarks/diffusereg_diagnosis``): with the paper's direct noise prediction a short CPU training leaves
-  ``eps_hat`` inaccurate near ``t = T``, where eq. 3 amplifies its error by ``1 / sqrt(abar_t)`` (~180), and the
-  samples from pure noise are poor (``benchmarks/diffusereg_diagnosis/samplers.csv``, 1000 training steps, 8
-  held-out pairs at Dice 0.711 before registration: Dice 0.316 with 50 % of the pixels folding at DDIM 20, 0.468
-  with DDPM over all 200 steps). Predicting ``v`` instead (``parameterization="v"``, ``diffusion_weighting="v"``,
-  the former ``quick`` setting) fixes that but not the roughness: near ``t = 0`` the final field is ``phi_t`` minus
-  a small correction, so the noise the sampler leaves at intermediate steps stays in it, and the samples fold more with
-  every sampler step (recorded: 6.9 % of the pixels at DDIM 20, 8.3 % with DDPM over all 200 steps). With ``x0``
-  the final field is the network's own estimate and folds on 0.01-0.04 % of the pixels, with no trend in the
-  number of steps (recorded, same file). The ``paper`` profile keeps eq. 3-4 as written
-  (``"eps"``, ``"none"``). An alternative, ``consistency_weighting="abar"`` (the consistency terms weighted by
-  ``abar_t``), is available but not used. ``quick`` also uses ``T = 200`` steps (betas 1e-5 ... 0.1, the paper's
-  end-point noise level ``abar_T ~ e^-10``), a denoiser of feature size 8 (0.80 M parameters in 2D, 1.85 M in 3D,
-  instead of the ``paper`` profile's 411 M in 3D; ``build(...).num_parameters()``), 1000 training steps at lr 2e-3
-  and a teacher VoxelMorph of 1000 steps in 2D (:mod:`diffreg.config`).
+  squared error of ``phi0_hat`` against the teacher field. Why: chapter 06 ("Why the samples fold") and
+  ``benchmarks/diffusereg_diagnosis/README.md``. The ``paper`` profile keeps eq. 3-4 as written (``"eps"``,
+  ``"none"``); ``parameterization="v"`` (with ``diffusion_weighting="v"``) and ``consistency_weighting="abar"``
+  (the consistency terms weighted by ``abar_t``) are available but not used by either profile.
+* ``quick`` also uses ``T = 200`` steps (betas 1e-5 ... 0.1, the paper's end-point noise level
+  ``abar_T ~ e^-10``), a denoiser of feature size 8 (0.80 M parameters in 2D, 1.85 M in 3D, instead of the
+  ``paper`` profile's 411 M in 3D; ``build(...).num_parameters()``), 1000 training steps at lr 2e-3 and a teacher
+  VoxelMorph of 1000 steps in 2D (:mod:`diffreg.config`).
 * Guidance (never released): one explicit gradient step on ``phi0_hat`` (in voxels) per sampling step, the noise
   estimate re-derived from the guided ``phi0_hat`` (like ``clip_x0`` in :mod:`diffreg.diffusion`); the paper
   names a "classifier-guided diffusion scheme" without details.
@@ -158,15 +157,16 @@ def _window_coords(window: Sequence[int]) -> Tensor:
 
 
 def conditional_attention_mask(window: Sequence[int], mode: str = "paper", region: Tensor | None = None) -> Tensor:
-    """The conditional attention mask of DiffuseReg (l. 59, Fig. 2d): ``True`` where attention is allowed.
+    """The conditional attention mask of DiffuseReg (Fig. 2d; sec. 2, attention mask with conditions): ``True``
+    where attention is allowed.
 
     Token order in a window (eq. 2): ``[T^t, T^F_1..N, T^M_1..N, T^phi_1..N]`` (``N = prod(window)``), so the mask is
     ``(nW, 3N + 1, 3N + 1)`` (query rows, key columns).
 
     * ``"paper"``: the time token attends to and is attended by everything; an image/field token at window position
       ``p`` attends to the tokens of all three groups at positions ``q`` with ``max_k |p_k - q_k| <= 1`` (adjacent
-      patches, "derived from the relative positional encoding", l. 59), and, in a shifted window, only within its
-      own region.
+      patches, "derived from the relative positional encoding", sec. 2, attention mask with conditions), and, in a
+      shifted window, only within its own region.
     * ``"shifted"`` (official code): the standard Swin shifted-window region mask tiled 3 x 3 over the groups (every
       pair allowed in a regular window); the time token is unmasked.
     * ``"none"``: everything allowed.
@@ -468,7 +468,7 @@ class _UpBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 class DiffuseRegDenoiser(nn.Module):
-    """``D(phi_t | f, m, t) -> eps_hat``: the conditional Swin-UNETR of DiffuseReg (Fig. 2, l. 49-59).
+    """``D(phi_t | f, m, t) -> eps_hat``: the conditional Swin-UNETR of DiffuseReg (Fig. 2, sec. 2).
 
     Layout (Swin-UNETR, feature size ``F``): image encoder and backbone encoder with four Swin stages of widths
     ``F, 2F, 4F, 8F`` (patch 2, merges in between; the backbone merges once more to ``16F``); decoder of
@@ -611,7 +611,7 @@ class DiffuseRegDenoiser(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Guidance energies (l. 86: "control the smoothness ... and the target organ")
+# Guidance energies (sec. 3, results: "control the smoothness ... and the target organ")
 # ----------------------------------------------------------------------------------------------------------------
 
 def bending_energy(ddf: Tensor) -> Tensor:
@@ -743,9 +743,9 @@ class DiffuseReg(RegistrationModel):
         dims: 2 or 3.
         feature_size, depths, num_heads, window, mask, time_in_resblocks, norm_name: the denoiser
             (:class:`DiffuseRegDenoiser`).
-        lambda_sim: ``lambda_1`` of eq. 3 (1, l. 79).
-        lambda_reg: ``lambda_2`` (0.1, l. 79).
-        ssim_kernel: SSIM window (9, l. 79).
+        lambda_sim: ``lambda_1`` of eq. 3 (1, sec. 3, implementation details).
+        lambda_reg: ``lambda_2`` (0.1, sec. 3, implementation details).
+        ssim_kernel: SSIM window (9, sec. 3, implementation details).
         use_teacher: train on teacher fields ``phi_0`` (``False``: Table 2 row 6, similarity only).
         consistency_weighting: ``"none"`` (the paper: ``L_sim`` and ``L_reg`` on ``phi0_hat`` at every ``t``) or
             ``"abar"`` (each pair's ``L_sim`` and ``L_reg`` weighted by ``abar_t``, so the nearly pure-noise
@@ -760,7 +760,7 @@ class DiffuseReg(RegistrationModel):
             i.e. ``mean (v_hat - v)^2``) or ``"x0"`` (weighted by ``(1 - abar_t) / abar_t``, i.e. the mean squared
             error of ``phi0_hat``; the ``quick`` profile): the weightings keep a learning signal for ``phi0_hat``
             at large ``t``, where eq. 4 weights its error by the vanishing SNR.
-        timesteps, beta_start, beta_end: the linear schedule (2000, 1e-6, 1e-2; l. 79).
+        timesteps, beta_start, beta_end: the linear schedule (2000, 1e-6, 1e-2; sec. 3, implementation details).
         sampler: default sampler of :meth:`register` (``"ddpm"`` or ``"ddim"``).
         sample_steps: default DDIM steps (``None``: all ``T``).
         eta: default DDIM stochasticity.
@@ -831,7 +831,8 @@ class DiffuseReg(RegistrationModel):
         #: the frozen teacher that provides phi_0 (trained by prepare, or given by set_teacher)
         self.teacher = VoxelMorph(dims=dims, **self.teacher_kwargs)
         self.teacher.requires_grad_(False)
-        # per-axis z-score statistics of the teacher fields on the training set (l. 79), in voxels
+        # per-axis z-score statistics of the teacher fields on the training set (sec. 3, implementation details),
+        # in voxels
         self.register_buffer("field_mean", torch.zeros(dims))
         self.register_buffer("field_std", torch.ones(dims))
         self.register_buffer("teacher_trained", torch.tensor(False))
@@ -851,7 +852,7 @@ class DiffuseReg(RegistrationModel):
         return sum(p.numel() for p in self.denoiser.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------------------------------------------------
-    # The teacher and the z-scoring of its fields (l. 79)
+    # The teacher and the z-scoring of its fields (sec. 3, implementation details)
     # ------------------------------------------------------------------------------------------------------------
     def set_teacher(self, teacher: nn.Module) -> None:
         """Use an already trained VoxelMorph as the teacher (e.g. ``diffreg.train.load_run(run_dir)[0]``).
@@ -928,7 +929,7 @@ class DiffuseReg(RegistrationModel):
             train=TrainConfig(steps=self.teacher_steps, lr=self.teacher_lr, batch_size=1, scheduler="constant",
                               seed=int(seed), log_every=50,
                               checkpoint_every=max(1, min(500, self.teacher_steps // 4))),
-            source="DiffuseReg teacher (the paper uses a pre-trained VTN, l. 79)")
+            source="DiffuseReg teacher (the paper uses a pre-trained VTN, sec. 3, implementation details)")
         return [Stage("teacher", self.teacher, cfg, done=self._teacher_done)]
 
     def prepare(self, data: Any, out: Path | None = None, device: torch.device | None = None,
@@ -958,7 +959,7 @@ class DiffuseReg(RegistrationModel):
         return v.to(ref.device, ref.dtype).view(1, -1, *([1] * (ref.ndim - 2)))
 
     def normalize(self, phi: Tensor) -> Tensor:
-        """``(phi - mu) / sigma`` per axis (l. 79)."""
+        """``(phi - mu) / sigma`` per axis (sec. 3, implementation details)."""
         return (phi - self._stat(self.field_mean, phi)) / self._stat(self.field_std, phi)
 
     def denormalize(self, x: Tensor) -> Tensor:
@@ -1092,7 +1093,7 @@ class DiffuseReg(RegistrationModel):
             return_trajectory: ``True``: a lazy iterator over the states (stop iterating whenever you like);
                 ``False``: run to the end (or ``stop_at``) and return the last state.
             stop_at: stop after the state with ``t <= stop_at``, or when ``stop_at(state)`` is true; the registration
-                is then that state's ``phi0_hat`` (l. 101).
+                is then that state's ``phi0_hat`` (sec. 3, results).
             guidance: energy callable(s) ``energy(phi0_hat, t) -> (B,)`` (:func:`smoothness_guidance`,
                 :func:`region_guidance`); each step moves ``phi0_hat`` by minus the gradient of their sum.
             generator: random generator (``phi_T`` and the DDPM / DDIM noise).

@@ -1,8 +1,8 @@
 """DRDM (Zheng et al. 2024): deformation-recovery diffusion, instance deformation synthesis and its downstream uses.
 
 Explained in chapter 08 (``notebooks/08_drdm.md``); the downstream uses (few-shot segmentation, synthetic
-registration pre-training) in chapter 09 (``notebooks/09_drdm_downstream.md``). Line numbers ``l. N`` refer to
-the paper text in ``shared/papers`` (``004_...txt``).
+registration pre-training) in chapter 09 (``notebooks/09_drdm_downstream.md``). References (sec., eq., Alg.,
+Table) are to the paper (2024 preprint).
 
 DRDM turns diffusion around: the "noise" is a random *deformation* and the model learns to undo it. No image pairs
 and no labels are needed to train it; what it produces is a displacement field for one given image, so labels
@@ -16,13 +16,13 @@ Method, top to bottom (paper sec. 2):
    ``(4^(m+1) - 1) / 3 * sigma^2`` (eq. 7).
 2. **Noise levels** (sec. 2.1.3-2.1.4, eq. 9-11, :func:`noise_level`, :func:`cumulative_noise_level`): the DVF of step
    ``t``, ``psi_t``, is the composition of ``n_t = floor(t^alpha / beta)`` such fields (``alpha = 0.6``,
-   ``beta = 1``, l. 359), and the diffused DDF ``psi_{t:1}`` is the composition of ``n_{t:1}`` fields, in practice
-   ``n_{t:1} = floor(t^1.3 / 1.5)`` (l. 359). The variance therefore grows linearly with the number of composed
+   ``beta = 1``, sec. 3.3), and the diffused DDF ``psi_{t:1}`` is the composition of ``n_{t:1}`` fields, in practice
+   ``n_{t:1} = floor(t^1.3 / 1.5)`` (sec. 3.3). The variance therefore grows linearly with the number of composed
    fields (eq. 7, 10): the standard deviation of ``psi_{t:1}`` grows like ``sqrt(n_{t:1})``.
 3. **Integration by composition** (eq. 2, 5, :func:`diffreg.spatial.compose`): ``<a o b>[x] = b[x + a[x]] + a[x]``
    and ``psi_{t:1} = psi_t o psi_{t-1:1}``, so the image ``I_t = psi_{t:1}(I_0)`` is ``psi_t`` applied to
    ``I_{t-1}`` (pull warping: ``warp(I, compose(a, b)) = warp(warp(I, b), a)``). Fields are composed on a canvas
-   twice the image size and cropped at its centre (sec. 3.3, l. 355-357), so displacements near the image border
+   twice the image size and cropped at its centre (sec. 3.3), so displacements near the image border
    keep growing instead of being held back by the padding.
 4. **Recovery network** ``D_theta`` (sec. 2.2.1, Appendix A, :class:`RecoveryUNet`): a three-level U-Net of ACNN-II
    atrous residual blocks (Table .5, :class:`AtrousBlock`) with a sinusoidal time embedding added at every level,
@@ -30,16 +30,16 @@ Method, top to bottom (paper sec. 2):
    ``psi_hat^(2)`` is predicted from the image already warped by ``psi_hat^(1)``.
 5. **Loss** (eq. 13-14, :func:`distance_loss`, :func:`angle_loss`, :func:`regularisation_loss`)::
 
-       L = lambda_1 L_dist + lambda_2 L_ang + lambda_3 L_reg,          lambda = (1, 1, 10)  (l. 362)
+       L = lambda_1 L_dist + lambda_2 L_ang + lambda_3 L_reg,          lambda = (1, 1, 10)  (sec. 3.3)
        L_dist = mean_x (||<psi_t o psi_hat_t>[x]|| + eps) / (||psi_t[x]|| + eps)
        L_ang  = mean_x  psi_t[x] . psi_hat_t[x + psi_t[x]] / (||psi_t[x]|| ||psi_hat_t[x + psi_t[x]]|| + eps^2)
        L_reg  = mean ||grad psi_hat_t||_1 + mean relu(-det(I + grad psi_hat_t))
 
-   with ``t ~ U{1, ..., T}`` (sec. 2.2.2), ``T = 80`` (l. 357), and the image deformed by a DVF perturbed by 5 %
-   (l. 357) while the target stays the unperturbed ``psi_t``.
+   with ``t ~ U{1, ..., T}`` (sec. 2.2.2), ``T = 80`` (sec. 3.3), and the image deformed by a DVF perturbed by 5 %
+   (sec. 3.3) while the target stays the unperturbed ``psi_t``.
 6. **Instance deformation** (Alg. 2, :meth:`DRDM.deform`): sample ``psi_{T':1}`` (``T' <= T`` sets the magnitude),
    then for ``t = T', ..., 1``: ``phi <- psi_hat_t o phi`` and ``I_hat_{t-1} = phi(I_0)`` (each image is resampled
-   once from ``I_0``, l. 199, so it never blurs).
+   once from ``I_0``, sec. 2.2.1, so it never blurs).
 7. **Data synthesis** (Alg. 3, 4, :meth:`DRDM.deform_labels`, :meth:`DRDM.synthesize_pairs`): deformed images with
    their labels (few-shot segmentation), and pairs ``(moving, fixed, ddf)`` with ``fixed = warp(moving, ddf)``
    for supervised registration pre-training.
@@ -64,8 +64,9 @@ Deviations and choices (each also in the box of chapter 08; the downstream exper
   to the image (``ctl_sz = 64``, four scales 64, 32, 16, 8); eq. 6 writes the finest scale at the canvas
   resolution. We follow the code: ``control_spacing`` canvas voxels per control point (paper 2D: 512 / 64 = 8,
   3D: 256 / 64 = 4) and ``scales = m + 1`` levels (4 in the code).
-* **Units**: fields are in voxels (diffreg convention, DESIGN.md); ``sigma`` is a fraction of the image size along
-  each axis, so one profile works at any resolution. The official code works in normalised coordinates.
+* **Units**: fields are in voxels (diffreg convention, :mod:`diffreg.spatial`, chapter 01); ``sigma`` is a
+  fraction of the image size along each axis, so one profile works at any resolution. The official code works in
+  normalised coordinates.
 * **Negative-Jacobian term**: the paper writes ``relu(-det(grad psi_hat))``; we use the Jacobian of the
   transformation ``x + psi_hat(x)``, ``det(I + grad psi_hat)`` (numpy-gradient differences, as
   :func:`diffreg.metrics.jacobian_determinant`), which is negative exactly where the field folds. The official
@@ -84,12 +85,12 @@ Deviations and choices (each also in the box of chapter 08; the downstream exper
   ~0.443 M counts its frozen 80 x 100 table as parameters (435,435 + 8,000 = 443,435).
 * Warps use border padding for images and fields (the official code pads images with zeros); the official output
   clamp to the image extent is not used.
-* The paper trains with rotation / translation / flip / crop augmentation of the source images (l. 348-349);
+* The paper trains with rotation / translation / flip / crop augmentation of the source images (sec. 3.2);
   :meth:`DRDM.loss` does not augment (the phantom subjects already vary).
 * ``quick`` profile (:mod:`diffreg.config`): the shared-field sampler (above) with ``sigma = 2.5e-4`` (a mean
   displacement of about 11 % of the image at ``T' = 70``, paper Table 1: 4.3 %); DRDM works at half the data size
   (32 x 32 for 64 x 64 images; canvas 64, control grid 32, 16, 8) and its fields are resized to the data size
-  (the paper resizes generated fields to the downstream size, l. 351, but its experiments use one size); a narrower
+  (the paper resizes generated fields to the downstream size, sec. 3.2, but its experiments use one size); a narrower
   recovery network (widths 8, 16, 32: 282,513 parameters in 2D); lr 1e-3 and 600 steps of 2 pairs.
 * **Not a pair registration model**: :meth:`DRDM.loss` trains on ``batch["moving"]`` and ``batch["fixed"]`` as two
   independent images, so ``python -m diffreg train --method drdm`` works on every pair dataset;
@@ -139,7 +140,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 
 def noise_level(t: int | Tensor, alpha: float = 0.6, beta: float = 1.0) -> int | Tensor:
-    """``n_t = floor(t^alpha / beta)``, the number of unit DVFs composed into ``psi_t`` (eq. 9; l. 359:
+    """``n_t = floor(t^alpha / beta)``, the number of unit DVFs composed into ``psi_t`` (eq. 9; sec. 3.3:
     ``alpha = 0.6``, ``beta = 1``). Works on ints and integer tensors."""
     if isinstance(t, Tensor):
         return torch.floor(t.double() ** alpha / beta).long()
@@ -150,7 +151,7 @@ def cumulative_noise_level(t: int | Tensor, alpha: float = 1.3, beta: float = 1.
     """``n_{t:1}``, the number of unit DVFs composed into ``psi_{t:1}`` (eq. 11).
 
     The theory gives ``floor(t^(alpha+1) / ((alpha+1) beta)) = floor(t^1.6 / 1.6)``; the paper uses
-    ``floor(t^1.3 / 1.5)`` in practice (l. 359), the default here.
+    ``floor(t^1.3 / 1.5)`` in practice (sec. 3.3), the default here.
     """
     if isinstance(t, Tensor):
         return torch.floor(t.double() ** alpha / beta).long()
@@ -382,21 +383,21 @@ class DRDM(RegistrationModel):
         dims: 2 or 3.
         widths: recovery U-Net widths (10, 20, 40).
         time_dim: sinusoidal embedding size (100).
-        recursions: ``K`` of eq. 12 (2, l. 199).
-        timesteps: ``T`` (80, l. 357).
-        alpha, beta: ``n_t = floor(t^alpha / beta)`` (0.6, 1; l. 359).
-        cum_alpha, cum_beta: ``n_{t:1} = floor(t^cum_alpha / cum_beta)`` (1.3, 1.5; l. 359).
+        recursions: ``K`` of eq. 12 (2, sec. 2.2.1).
+        timesteps: ``T`` (80, sec. 3.3).
+        alpha, beta: ``n_t = floor(t^alpha / beta)`` (0.6, 1; sec. 3.3).
+        cum_alpha, cum_beta: ``n_{t:1} = floor(t^cum_alpha / cum_beta)`` (1.3, 1.5; sec. 3.3).
         sigma: standard deviation of the finest DVF scale as a fraction of the image size along each axis.
         scales: ``m + 1`` scales of eq. 6.
-        canvas: canvas size / image size (2, l. 357).
+        canvas: canvas size / image size (2, sec. 3.3).
         control_spacing: canvas voxels per control-grid point (see the module docstring).
-        perturb: relative size of the DVF perturbation during training (0.05, l. 357).
-        lambda_dist, lambda_ang, lambda_reg: ``lambda_1..3`` of eq. 14 (1, 1, 10; l. 362).
+        perturb: relative size of the DVF perturbation during training (0.05, sec. 3.3).
+        lambda_dist, lambda_ang, lambda_reg: ``lambda_1..3`` of eq. 14 (1, 1, 10; sec. 3.3).
         eps: stabiliser of ``L_dist`` / ``L_ang`` in voxels.
         train_on: batch keys used as training images by :meth:`loss`.
         work_size: the size ``H x W (x D)`` DRDM works at (``None``: the input's size). Inputs of another size are
             resized to it (linear), and the generated fields are resized back to the input's size (and their
-            vectors rescaled), as the paper does for downstream sizes ``H' x W' x D'`` (l. 351).
+            vectors rescaled), as the paper does for downstream sizes ``H' x W' x D'`` (sec. 3.2).
         fields: ``"fresh"``: a new random DVF at every composition (eq. 2; the size of ``psi_{t:1}`` grows like
             ``sqrt(n_{t:1})``); ``"shared"``: one random DVF per sample, composed with itself (the official code;
             the size grows like ``n_{t:1}`` and ``psi_t`` points along ``psi_{t:1}``, a far stronger training signal,
@@ -542,7 +543,7 @@ class DRDM(RegistrationModel):
 
         ``psi_{t-1:1}`` composes ``n_{t:1} - n_t`` fresh unit DVFs and ``psi_t`` another ``n_t`` (eq. 2, 9-11);
         the image is deformed by ``psi~_{t:1} = psi~_t o psi_{t-1:1}`` where ``psi~_t = psi_t o delta`` carries a
-        perturbation ``delta`` of relative size ``perturb`` (5 %, l. 357; ``delta`` has the eq. 6 form with sigma
+        perturbation ``delta`` of relative size ``perturb`` (5 %, sec. 3.3; ``delta`` has the eq. 6 form with sigma
         ``perturb * sqrt(n_t) * sigma``, i.e. ``perturb`` times the size of ``psi_t`` by eq. 7; ``perturb * n_t *
         sigma`` with ``fields="shared"``).
 
@@ -672,7 +673,7 @@ class DRDM(RegistrationModel):
 
         ``phi <- psi_{T':1}`` (random, :meth:`sample_ddf`), then for ``t = T', ..., 1``: ``psi_hat_t = D(I_hat_t,
         t)`` (eq. 12), ``phi <- psi_hat_t o phi`` (eq. 1), ``I_hat_{t-1} = warp(I_0, phi)`` (eq. 4). With
-        :attr:`work_size` set, this runs on the resized image and ``phi`` is resized back (l. 351).
+        :attr:`work_size` set, this runs on the resized image and ``phi`` is resized back (sec. 3.2).
 
         Args:
             image: ``(B, C, *spatial)`` ``I_0``.

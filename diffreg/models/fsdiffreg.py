@@ -1,62 +1,64 @@
 """FSDiffReg (Qin and Li, MICCAI 2023): feature-wise and score-wise diffusion guidance for registration.
 
-Explained in chapter 05 (``notebooks/05_fsdiffreg.md``). Line numbers (``l. N``) refer to the paper text in
-``shared/papers`` (``002_...txt``).
+Explained in chapter 05 (``notebooks/05_fsdiffreg.md``). References (sec., eq., Fig., Table) are to the MICCAI 2023
+paper; "sec. 3, implementation details" names the paragraph of sec. 3 with that title.
 
 Method, top to bottom (paper sec. 2):
 
-1. **Input** (eq. 1, l. 39-52): ``x_t = sqrt(abar_t) f + sqrt(1 - abar_t) eps`` is the noised *fixed* image, and the
+1. **Input** (eq. 1, sec. 2.1): ``x_t = sqrt(abar_t) f + sqrt(1 - abar_t) eps`` is the noised *fixed* image, and the
    network input is ``x_in = {f, m, x_t}``, stacked as channels ``concat(m, f, x_t)`` (the channel order of the
    official code and of :class:`~diffreg.models.DiffuseMorph`; the order of a first-layer concatenation is
    immaterial).
-2. **Shared encoder** ``E_beta`` (l. 52-56, l. 94): a DDPM U-Net encoder (sinusoidal time embedding, one ResBlock
-   per level with GroupNorm and SiLU, strided-convolution down-sampling, a bottleneck of ResBlock, self-attention,
-   ResBlock), producing ``z`` and the skip features ``F_E``. Built from MONAI ``DiffusionModelUNet`` blocks
-   (``DownBlock``, ``AttnMidBlock``, ``DiffusionUNetResnetBlock``, ``get_timestep_embedding``).
-3. **Two decoders** of the DDPM U-Net's shape (l. 94): the diffusion decoder ``G_sigma`` predicts the noise,
-   ``S = G(z) ~ eps`` (eq. 6), and the registration decoder ``R_theta`` whose layer ``i`` sees the diffusion
-   feature of the same layer (eq. 2)::
+2. **Shared encoder** ``E_beta`` (sec. 2.1-2.2; sec. 3, implementation details): a DDPM U-Net encoder (sinusoidal
+   time embedding, one ResBlock per level with GroupNorm and SiLU, strided-convolution down-sampling, a bottleneck
+   of ResBlock, self-attention, ResBlock), producing ``z`` and the skip features ``F_E``. Built from MONAI
+   ``DiffusionModelUNet`` blocks (``DownBlock``, ``AttnMidBlock``, ``DiffusionUNetResnetBlock``,
+   ``get_timestep_embedding``).
+3. **Two decoders** of the DDPM U-Net's shape (sec. 3, implementation details): the diffusion decoder ``G_sigma``
+   predicts the noise, ``S = G(z) ~ eps`` (eq. 6), and the registration decoder ``R_theta`` whose layer ``i`` sees
+   the diffusion feature of the same layer (eq. 2)::
 
        F_R^i = r_i(concat(F_R^{i-1}, F_E^i, F_G^i)),   i = 1 ... N                                    (eq. 2)
 
    Layers are the decoder ResBlocks (MONAI ``DiffusionUNetResnetBlock``; ``num_res_blocks + 1`` per level, as in
    the DDPM U-Net), each decoder with its own nearest-neighbour + convolution up-samplers.
-4. **Feature-wise Diffusion-Guided module** (FDG, eq. 3, l. 62-66): per layer a linear ("efficient") cross-attention
+4. **Feature-wise Diffusion-Guided module** (FDG, eq. 3, sec. 2.2): per layer a linear ("efficient") cross-attention
    :class:`LinearCrossAttention` with the registration feature as query and the normalised diffusion feature as key
    and value, a residual connection to ``F_R^i`` and a convolution to a field ``phi_i`` (:class:`FeatureGuidance`)::
 
        phi_i = Conv(softmax(F_R^i (GroupNorm(F_G^i)^T . F_G^i)) + F_R^i)                              (eq. 3)
 
    Every ``phi_i`` is enlarged to full size (:func:`diffreg.spatial.resize_field`, which also rescales the
-   displacement to the new voxel units) and the fields are averaged into ``phi`` (l. 66). As in the official code,
+   displacement to the new voxel units) and the fields are averaged into ``phi`` (sec. 2.2). As in the official code,
    one more field comes from the last registration feature concatenated with ``S`` (``2 * 4 + 1 = 9`` fields at
    the paper configuration).
-5. **Score-wise Diffusion-Guided loss** (SDG, eq. 4, l. 70-76): local NCC weighted voxel-wise by the diffusion
+5. **Score-wise Diffusion-Guided loss** (SDG, eq. 4, sec. 2.3): local NCC weighted voxel-wise by the diffusion
    score, :func:`sdg_weight` ``= sigmoid(S)^gamma``::
 
        L_scoreNCC(m, f, S) = -mean( sigmoid(S)^gamma * LNCC_9(m o phi, f) )                          (eq. 4)
 
-6. **Total loss** (eq. 5-6, l. 80-86)::
+6. **Total loss** (eq. 5-6, sec. 2.4)::
 
        L_total = L_diffusion + lambda * L_scoreNCC + lambda_phi * sum ||grad phi||^2                 (eq. 5)
        L_diffusion = mean (G(E(x_in, t)) - eps)^2                                                    (eq. 6)
 
-   with ``lambda = lambda_phi = 20`` and ``gamma = 1`` (l. 86, l. 94). The smoothness term is
-   :func:`diffreg.losses.gradient_smoothness` (the mean of squared forward differences, as the official
-   ``gradientLoss("l2")``).
-7. **Inference** (l. 88): one pass with ``x_in = {f, m, f}`` at ``t = 0``.
+   with ``lambda = lambda_phi = 20`` and ``gamma = 1`` (sec. 2.4, loss function; sec. 3, implementation details).
+   The smoothness term is :func:`diffreg.losses.gradient_smoothness` (the mean of squared forward differences, as
+   the official ``gradientLoss("l2")``).
+7. **Inference** (sec. 2.4, inference): one pass with ``x_in = {f, m, f}`` at ``t = 0``.
 
-Schedule (l. 94): betas linear from 1e-6 to 1e-2 over 2000 steps (0-based timesteps, as in
-:mod:`diffreg.diffusion`). Optimiser (l. 94): Adam, lr 2e-4, batch 1, 700 epochs (betas (0.5, 0.999) from the
-official code).
+Schedule (sec. 3, implementation details): betas linear from 1e-6 to 1e-2 over 2000 steps (0-based timesteps, as
+in :mod:`diffreg.diffusion`). Optimiser (same paragraph): Adam, lr 2e-4, batch 1, 700 epochs (betas (0.5, 0.999)
+from the official code).
 
-Ablation switches (paper Tables 2 and 3, l. 110-138):
+Ablation switches (paper Tables 2 and 3; sec. 3, ablation study and analysis of gamma):
 
 * ``fdg=False``: "the network without FDG also uses the denoising diffusion decoder but generates the deformation
-  field from the encoded feature directly" (l. 110). Here: ``R`` gets no diffusion features
+  field from the encoded feature directly" (sec. 3, ablation study). Here: ``R`` gets no diffusion features
   (``F_R^i = r_i(concat(F_R^{i-1}, F_E^i))``), there are no cross-attention fields, and ``phi`` is one convolution
   head on the last registration feature.
-* ``sdg=False``: plain LNCC ("vanilla NCC loss", l. 110). ``gamma = 0`` gives the same loss (weight 1).
+* ``sdg=False``: plain LNCC ("vanilla NCC loss", sec. 3, ablation study). ``gamma = 0`` gives the same loss
+  (weight 1).
 * ``gamma``: the exponent of eq. 4 (Table 3 sweeps 0.5, 1, 2).
 
 Facts taken from the official code where the paper is silent (documented choices):
@@ -138,8 +140,8 @@ def sdg_weight(score: Tensor, gamma: float = 1.0) -> Tensor:
 def score_energy(score: Tensor) -> Tensor:
     """Per-voxel energy of a diffusion score latent, ``sum_c S_c^2``: ``(B, C, *spatial) -> (B, 1, *spatial)``.
 
-    The quantity of the paper's Fig. 1 (l. 25: "the per voxel energy score in the diffusion model's latent"), which
-    is large where the deformation is hard. Explained in chapter 05.
+    The quantity of the paper's Fig. 1 (its caption: "the per voxel energy score in the diffusion model's latent"),
+    which is large where the deformation is hard. Explained in chapter 05.
     """
     return (score.float() ** 2).sum(dim=1, keepdim=True)
 
@@ -288,13 +290,13 @@ class FSDiffReg(RegistrationModel):
         heads: heads of the FDG cross-attention (official: 4).
         fdg: use the Feature-wise Diffusion-Guided module (eq. 2-3); ``False`` is Table 2's "w/o FDG".
         sdg: weight the LNCC by the score (eq. 4); ``False`` is Table 2's "w/o SDG".
-        gamma: exponent of eq. 4 (l. 94: 1).
-        lambda_sim: ``lambda`` of eq. 5 (l. 86: 20).
-        lambda_smooth: ``lambda_phi`` of eq. 5 (l. 86: 20).
+        gamma: exponent of eq. 4 (sec. 3, implementation details: 1).
+        lambda_sim: ``lambda`` of eq. 5 (sec. 2.4, loss function: 20).
+        lambda_smooth: ``lambda_phi`` of eq. 5 (sec. 2.4, loss function: 20).
         ncc_window: LNCC window (9, as the official ``crossCorrelation3D``).
         detach_weight: stop the gradient of the SDG weight into the diffusion decoder (official: not detached).
-        timesteps: ``T`` (l. 94: 2000).
-        beta_start, beta_end: linear beta schedule (l. 94: 1e-6 to 1e-2).
+        timesteps: ``T`` (sec. 3, implementation details: 2000).
+        beta_start, beta_end: linear beta schedule (sec. 3, implementation details: 1e-6 to 1e-2).
 
     Raises:
         ValueError: bad ``dims``, widths/groups/heads, ``num_res_blocks`` or ``gamma``.
@@ -349,7 +351,7 @@ class FSDiffReg(RegistrationModel):
         #: sinusoidal embedding of t (dimension c0) -> MLP, as MONAI's DiffusionModelUNet
         self.time_embed = nn.Sequential(nn.Linear(c0, temb), nn.SiLU(), nn.Linear(temb, temb))
 
-        # E_beta: the shared encoder (l. 94: "DDPM UNet's 3D encoder as our shared encoder")
+        # E_beta: the shared encoder (sec. 3, implementation details: "DDPM UNet's 3D encoder as our shared encoder")
         self.conv_in = Convolution(dims, 3, c0, strides=1, kernel_size=3, padding=1, conv_only=True)
         self.down_blocks = nn.ModuleList()
         skip_channels, ch = [c0], c0
@@ -415,7 +417,7 @@ class FSDiffReg(RegistrationModel):
 
         Args:
             moving, fixed: ``(B, 1, *spatial)``.
-            x_t: the noised fixed image (eq. 1); default ``f`` (inference, l. 88).
+            x_t: the noised fixed image (eq. 1); default ``f`` (sec. 2.4, inference).
             t: timestep(s), an int or ``LongTensor (B,)`` in ``[0, T - 1]`` (default 0).
         """
         x_t = fixed if x_t is None else x_t
@@ -473,16 +475,16 @@ class FSDiffReg(RegistrationModel):
         return {"total": total, "diffusion": l_diff, "score_ncc": sim, "smooth": smooth}
 
     # ------------------------------------------------------------------------------------------------------------
-    # Registration (l. 88)
+    # Registration (sec. 2.4, inference)
     # ------------------------------------------------------------------------------------------------------------
     def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
-        """``phi`` with ``x_in = {f, m, f}`` at ``t = 0`` (l. 88), ``(B, dims, *spatial)`` in voxels."""
+        """``phi`` with ``x_in = {f, m, f}`` at ``t = 0`` (sec. 2.4, inference), ``(B, dims, *spatial)`` in voxels."""
         self._check(moving, fixed)
         return self.network(moving, fixed).ddf
 
     @torch.no_grad()
     def register(self, moving: Tensor, fixed: Tensor, **options: Any) -> RegistrationResult:
-        """One pass (l. 88). ``extras``: ``"score"`` (``S``, ``(B, 1, *spatial)``), ``"weight"`` (eq. 4's
+        """One pass (sec. 2.4, inference). ``extras``: ``"score"`` (``S``, ``(B, 1, *spatial)``), ``"weight"`` (eq. 4's
         ``sigmoid(S)^gamma``), ``"fields"`` (the enlarged per-layer fields averaged into ``ddf``) and
         ``"level_fields"`` (the same on their layer grids)."""
         if options:

@@ -1,30 +1,30 @@
 """LDM-Morph (Wu & Gong, 2024): registration guided by latent-diffusion features, with a latent/global cross-attention
 (LGCA) and a hierarchical (pixel + latent) similarity.
 
-Explained in chapter 07 (``notebooks/07_ldm_morph.md``). Line numbers ``l. N`` refer to the paper text
-``003_d83529c5373a7fc4.txt``.
+Explained in chapter 07 (``notebooks/07_ldm_morph.md``). References (sec., eq., Fig., Table) are to the paper
+(2024 preprint).
 
 Method, top to bottom (paper sec. 3, Fig. 1):
 
 1. **Stage 1: latent diffusion model (LDM-FE, sec. 3.2).** An autoencoder ``E``/``D`` maps an image to a latent four
-   times smaller per axis (l. 198: "a VQGAN ... a single feature map ... one-quarter of the original image's
+   times smaller per axis (sec. 4.2: "a VQGAN ... a single feature map ... one-quarter of the original image's
    resolution"; 1 x 32 x 32 for 128 x 128 images), built with MONAI :class:`~monai.networks.nets.VQVAE`; ``E(I)`` is
    the encoder output *before* quantisation (what the LDM diffuses and what ``L_lat`` compares, as in the official
    code's ``get_first_stage_encoding``). A denoising U-Net ``eps_omega`` (MONAI
    :class:`~monai.networks.nets.DiffusionModelUNet`) is trained on the latents with the noise-prediction loss of
-   eq. 6 over ``T = 1000`` steps (eq. 1-5; l. 104). Both are then frozen (l. 106).
-2. **Feature extraction (l. 106, l. 198).** ``M`` and ``F`` are encoded, brought to step ``t`` by **DDIM inversion**
+   eq. 6 over ``T = 1000`` steps (eq. 1-5; sec. 3.2). Both are then frozen (sec. 3.2).
+2. **Feature extraction (sec. 3.2 and 4.2).** ``M`` and ``F`` are encoded, brought to step ``t`` by **DDIM inversion**
    (:func:`diffreg.diffusion.ddim_invert`; the official code draws ``z_t = q_sample(z_0, t)`` instead:
    ``feature_noise="q_sample"``), and the U-Net is run at ``(z_t, t)``. Each of its ``n = 4`` encoder levels has three
    layers (the level's entry: ``conv_in`` or the previous level's down-sampler, then two ResBlocks); the outputs of
-   the first and the third are concatenated, for ``M`` and for ``F``: ``f_M^i (+) f_F^i`` (l. 106, l. 198).
+   the first and the third are concatenated, for ``M`` and for ``F``: ``f_M^i (+) f_F^i`` (sec. 3.2 and 4.2).
 3. **Stage 2: dual-stream encoder (sec. 3.3).**
 
    * lower stream, global feature extraction (sec. 3.3.1, eq. 7-8): the pair ``concat(M, F)`` is cut into
      4 x 4 patches (MONAI ``PatchEmbed``) and passed through Swin levels (MONAI ``BasicLayer`` = alternating W-MSA and
      SW-MSA blocks, eq. 7) with patch merging between levels (MONAI ``PatchMerging``);
    * upper stream: each level's latent features pass one 3 x 3 convolution + PReLU to the lower stream's width
-     (l. 117);
+     (sec. 3.3);
    * **LGCA** at every level (sec. 3.3.2, eq. 9-11, :class:`LGCA`): two branches of window cross-attention that
      swap queries -- the global branch attends with the latent queries (eq. 9) and the latent branch with the global
      queries (eq. 10), each followed by MLP, SW-MSA and MLP ("the last three formulas of eq. 7"), then concatenated.
@@ -37,7 +37,7 @@ Method, top to bottom (paper sec. 3, Fig. 1):
 
        L = beta * MSE(M o phi, F) + (1 - beta) * MSE(E(M o phi), E(F)) + lambda * L_smooth(phi)
 
-   with ``beta = 0.6``, ``lambda = 0.01`` (l. 198). Gradients of the latent term flow through the frozen encoder
+   with ``beta = 0.6``, ``lambda = 0.01`` (sec. 4.2). Gradients of the latent term flow through the frozen encoder
    to ``phi`` (the official code detaches ``E(M o phi)``, so there its latent term trains nothing).
 
 Ablation switches (Table 3): ``use_ldm_features=False`` (lower stream only), ``use_lgca=False`` (latent features
@@ -53,12 +53,12 @@ Choices and deviations (each also in the box of chapter 07; the paper is silent 
   weights; the official discriminator starts after 40,001 steps).
 * **Latent U-Net.** MONAI ``DiffusionModelUNet`` with widths 64/128/192/256, two ResBlocks per level, attention at
   levels 2-4 with 32-channel heads (official ``casmus-ldm-vq16-64ch``: ``model_channels 64, channel_mult 1,2,3,4,
-  num_res_blocks 2, attention_resolutions 8,4,2, num_head_channels 32``; the paper, l. 198: "three layers per
+  num_res_blocks 2, attention_resolutions 8,4,2, num_head_channels 32``; the paper, sec. 4.2: "three layers per
   encoder block with a channel size of 64"). LDM's schedule: ``beta_t`` linear in ``sqrt(beta)`` from 0.0015 to
   0.0195, ``T = 1000`` (:func:`ldm_schedule`).
-* **Feature step.** ``t = 1`` (l. 198), 0-based as in the official code (``t_enc = 1`` on a 0-based LDM). DDIM
+* **Feature step.** ``t = 1`` (sec. 4.2), 0-based as in the official code (``t_enc = 1`` on a 0-based LDM). DDIM
   inversion runs ``t + 1`` unit steps by default (``invert_steps``).
-* **Four** upper-stream convolutions (one per level; the text says "three groups", l. 117, but ``n = 4`` levels and
+* **Four** upper-stream convolutions (one per level; the text says "three groups", sec. 3.3, but ``n = 4`` levels and
   the official code has four).
 * **Swin configuration** from the official code (``get_SelfAttention_config``): patch 4, embedding 64, depths
   2/2/4/2, heads 4/4/8/8, window 7, MLP ratio 4, no qkv bias, stochastic depth 0.3; one LayerNorm per output level.
@@ -76,7 +76,7 @@ Choices and deviations (each also in the box of chapter 07; the paper is silent 
   eq. 13 and the official code weight each term once, as here. ``L_smooth`` is
   :func:`diffreg.losses.gradient_smoothness` on the voxel field (the official ``smoothloss`` computes the same
   mean of squared differences, with ``S / 2`` instead of ``(S - 1) / 2`` as the unit conversion).
-* **Checkpoint.** The paper keeps the checkpoint with the highest validation Dice (l. 198); ``diffreg.train`` keeps
+* **Checkpoint.** The paper keeps the checkpoint with the highest validation Dice (sec. 4.2); ``diffreg.train`` keeps
   the last one. Stage 1's training schedule is not in the paper: learning rates and batches from the official
   configs, step counts ours (:mod:`diffreg.config`).
 * ``quick`` profile (:mod:`diffreg.config`): three levels instead of four (a 64 x 64 image has 2 x 2 tokens at a
@@ -121,7 +121,7 @@ def ldm_schedule(start: float = 0.0015, end: float = 0.0195, steps: int = 1000) 
     """LDM's noise schedule (eq. 1-3): ``beta_t = (sqrt(start) + (sqrt(end) - sqrt(start)) t / (T - 1))^2``.
 
     The defaults are the official LDM configuration (``linear_start 0.0015, linear_end 0.0195, timesteps 1000``;
-    T = 1000 is l. 104). Explained in chapter 07.
+    T = 1000 is in sec. 3.2). Explained in chapter 07.
 
     Raises:
         ValueError: bad end points or ``steps``.
@@ -190,7 +190,7 @@ def _pad_to_windows(x: Tensor, window: Sequence[int]) -> Tensor:
 
 
 class LGCABranch(nn.Module):
-    """One LGCA branch (eq. 11 and "the last three formulas of eq. 7", l. 147), channels-last ``(B, *S, C)``::
+    """One LGCA branch (eq. 11 and "the last three formulas of eq. 7", sec. 3.3.2), channels-last ``(B, *S, C)``::
 
         x_hat = W-MCA(LN(x), LN(y)) + x        (queries from y, keys/values from x: eq. 9 / eq. 10)
         x'    = MLP(LN(x_hat)) + x_hat
@@ -364,7 +364,7 @@ def hierarchical_similarity(warped: Tensor, fixed: Tensor, encoder, beta: float,
         warped: ``M o phi``, ``(B, 1, *S)``.
         fixed: ``F``, same shape.
         encoder: callable image -> latent (``None`` only when ``beta == 1``).
-        beta: weight in ``[0, 1]`` (0.6 in the paper, l. 198).
+        beta: weight in ``[0, 1]`` (0.6 in the paper, sec. 4.2).
         fixed_latent: ``E(F)`` if already computed.
 
     Returns:
@@ -497,7 +497,8 @@ class LDMMorph(RegistrationModel):
         if len(ae_channels) < 2:
             raise ValueError(f"the autoencoder needs at least two levels (two 2x down-samplings), got {ae_channels}")
         if patch_size != 4:
-            raise ValueError(f"patch_size must be 4, the autoencoder's down-sampling factor (l. 198), got {patch_size}")
+            raise ValueError(f"patch_size must be 4, the autoencoder's down-sampling factor (sec. 4.2), "
+                             f"got {patch_size}")
         if embed_dim % 2 or any((embed_dim * 2 ** i) % h for i, h in enumerate(num_heads)):
             raise ValueError(f"embed_dim {embed_dim} must be even and every level width divisible by its heads")
         self.dims = dims
@@ -566,7 +567,7 @@ class LDMMorph(RegistrationModel):
         if self.use_ldm_features:
             lc = [int(c) for c in ldm_channels]
             per_image = [lc[0] + lc[0]] + [lc[i - 1] + lc[i] for i in range(1, levels)]
-            #: upper stream: one 3x3 conv + PReLU per level to the lower stream's width (l. 117)
+            #: upper stream: one 3x3 conv + PReLU per level to the lower stream's width (sec. 3.3)
             self.latent_convs = nn.ModuleList(
                 nn.Sequential(_conv(dims, 2 * c, w), nn.PReLU()) for c, w in zip(per_image, widths))
             if self.use_lgca:
@@ -654,7 +655,7 @@ class LDMMorph(RegistrationModel):
 
     def diffuse(self, z0: Tensor, t: int | None = None, mode: str | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
-        """Bring clean latents to step ``t``: DDIM inversion (``mode="ddim"``, l. 106) or ``q_sample`` (eq. 3, the
+        """Bring clean latents to step ``t``: DDIM inversion (``mode="ddim"``, sec. 3.2) or ``q_sample`` (eq. 3, the
         official code; one noise draw shared by the whole batch element-wise as drawn)."""
         t = self.feature_t if t is None else int(t)
         mode = self.feature_noise if mode is None else mode
@@ -668,7 +669,7 @@ class LDMMorph(RegistrationModel):
         raise ValueError(f"mode must be 'ddim' or 'q_sample', got {mode!r}")
 
     def unet_features(self, z_t: Tensor, t: int | None = None) -> list[Tensor]:
-        """The U-Net's encoder features at ``(z_t, t)``: per level ``concat(first layer, third layer)`` (l. 198).
+        """The U-Net's encoder features at ``(z_t, t)``: per level ``concat(first layer, third layer)`` (sec. 4.2).
 
         Level ``i`` has ``ldm_res_blocks + 1`` layers: its entry (``conv_in`` for ``i = 0``, else the previous
         level's down-sampler) and its ResBlocks (+ attention); with two ResBlocks the first and third are the entry

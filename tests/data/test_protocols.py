@@ -21,8 +21,8 @@ def acdc_release(tmp_path_factory):
 
 
 def test_paper_profiles_register_in_the_papers_direction():
-    # DiffuseMorph l. 241 (ED aligned with ES); FSDiffReg l. 92 and DiffuseReg l. 84 (fixed = ED, moving = ES);
-    # LDM-Morph l. 188 (ED registered to ES)
+    # DiffuseMorph sec. 4.2 (ED aligned with ES); FSDiffReg sec. 3, dataset and preprocessing, and DiffuseReg
+    # sec. 3, datasets and metrics (fixed = ED, moving = ES); LDM-Morph sec. 4.1 (ED registered to ES)
     expected = {"diffusemorph": "ed->es", "fsdiffreg": "es->ed", "diffusereg": "es->ed", "ldm-morph": "ed->es"}
     for method, direction in expected.items():
         assert get_config(method, "paper").data.direction == direction, method

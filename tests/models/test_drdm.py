@@ -112,7 +112,7 @@ def test_magnitude_grows_with_t_as_eq10():
 
 def test_paper_profile_field_matches_table_1():
     """The paper profile's random field at T' = 70, measured at the paper geometry (256 x 256, fresh fields, eq. 2),
-    against Table 1 (l. 313): max |psi| 14.8 % and mean |psi| 4.3 % of the image size; each within 25 %."""
+    against Table 1 (last row, T' = 70): max |psi| 14.8 % and mean |psi| 4.3 % of the image size; each within 25 %."""
     from diffreg.config import get_config
     from diffreg.models import build
 
