@@ -440,8 +440,8 @@ def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = No
         FileNotFoundError: a run directory without ``config.json`` or ``checkpoint.pt``.
         ValueError: a DRDM run (it generates deformations and does not register pairs), or a ``run`` of another type.
     """
-    from diffreg import train
     from diffreg.device import resolve_device
+    from diffreg.runs import load_run, open_run
 
     if isinstance(run, Run):
         out = run
@@ -451,15 +451,8 @@ def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = No
         run_dir = Path(run)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory not found: {run_dir}")
-        model, cfg = train.load_run(run_dir, device=resolve_device(device or None))
-        info = run_dir / "data.json"
-        data = None
-        if info.is_file():
-            try:
-                data = json.loads(info.read_text()).get("data")
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"{info}: unreadable run data file ({exc})") from exc
-        out = Run(model, cfg, data, str(run_dir))
+        model, cfg = load_run(run_dir, device=resolve_device(device or None))
+        out = Run(model, cfg, open_run(run_dir).data_spec(), str(run_dir))
     else:
         raise ValueError(f"run must be a run directory, a Run or a (model, config) tuple, got {type(run).__name__}")
     if out.config.method == "drdm":
@@ -745,7 +738,7 @@ def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLik
 
     # 5. outputs on the fixed grid
     warped = _sample(m_arr, q, order=1).astype(np.float32)
-    from diffreg.metrics import _folding_from_det, _sdlogj_from_det, _std_from_det, jacobian_determinant
+    from diffreg.metrics import jacobian_determinant, jacobian_statistics
 
     det = jacobian_determinant(torch.from_numpy(v_plane)[None])  # (1, *plane): equals the world-space determinant
     jac = det[0].numpy().astype(np.float32).reshape(shape)
@@ -763,9 +756,7 @@ def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLik
         "fixed_grid": {"size_itk": list(fimg.GetSize()), "spacing_mm": list(fimg.GetSpacing()),
                        "origin_lps_mm": list(fimg.GetOrigin()), "direction": list(fimg.GetDirection())},
         "overlap_percent": 100.0 * overlap,
-        "folding_percent": float(_folding_from_det(det)[0]),
-        "jacobian_std": float(_std_from_det(det)[0]),
-        "sdlogj": float(_sdlogj_from_det(det)[0]),
+        **{k: float(v[0]) for k, v in jacobian_statistics(det).items()},
         "displacement_mm": {"mean": float(norms.mean()), "max": float(norms.max())},
         "conventions": {
             "displacement": "displacement.nii.gz: ITK displacement field (vector NIfTI), world LPS mm; the moving "

@@ -36,7 +36,6 @@ Example (a notebook; the command line is ``python -m diffreg bench --methods all
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import time
 from pathlib import Path
@@ -234,14 +233,6 @@ class _Recorder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _last_log_seconds(run_dir: Path) -> float | None:
-    """Training seconds in the last row of ``run_dir/log.csv`` (``None`` without one)."""
-    log = run_dir / "log.csv"
-    rows = read_csv(log) if log.is_file() else []
-    seconds = rows[-1].get("seconds") if rows else None
-    return seconds if isinstance(seconds, float) else None
-
-
 def _stage_budget(cfg: MethodConfig) -> str:
     """Budgets of the stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's stage 1), as the
     model class declares them (:func:`diffreg.train.stage_budgets`)."""
@@ -262,27 +253,17 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
 
     ``max_seconds`` caps the training time (a wall-clock budget); ``curve`` (``{"every": steps, "pairs": n,
     "options": register options}``) logs a validation Dice every ``every`` steps on the ``"val"`` split."""
-    from diffreg.models import build
-    from diffreg.train import fit, load_checkpoint, load_run, seed_everything, set_stage_steps, total_steps
+    from diffreg.runs import load_run, open_run
+    from diffreg.train import set_stage_steps, total_steps, train_or_reuse
 
     cfg = get_config(name, profile, data.dims)
     paper_direction = cfg.data.direction
     cfg.data.direction, cfg.data.view, cfg.data.split_scheme = data.direction, data.view, data.split_scheme
-    cfg.train.amp = bool(amp)
     if stage_steps is not None:
         set_stage_steps(cfg, stage_steps)
-    if tuple(cfg.data.size) != tuple(data.size):
-        profile_size = tuple(cfg.data.size)
-        cfg.data.size = tuple(data.size)
-    else:
-        profile_size = None
+    profile_size = tuple(cfg.data.size) if tuple(cfg.data.size) != tuple(data.size) else None
+    cfg.set_budget(steps=steps, size=data.size, amp=amp, seed=seed)
     cfg.data.phantom, cfg.data.n_subjects = data.phantom, data.n_subjects
-    if steps is not None:
-        cfg.train.steps, cfg.train.epochs = int(steps), None
-    if seed is not None:
-        cfg.train.seed = int(seed)
-        if "stage1_seed" in cfg.model:
-            cfg.model["stage1_seed"] = int(seed)
     info: dict[str, Any] = {"run": str(run_dir), "profile": profile, "seed": cfg.train.seed}
     notes: list[str] = []
     if profile_size is not None:
@@ -292,40 +273,24 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
     if amp:
         notes.append(f"mixed precision ({cfg.train.amp_dtype} autocast on CUDA)")
 
-    stored_cfg, step = None, 0
-    if (run_dir / "config.json").is_file() and (run_dir / "checkpoint.pt").is_file():
-        stored_cfg = MethodConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    run = open_run(run_dir)
+    stored_cfg = run.config() if run.has_checkpoint() else None
+    train_data = None
+    if stored_cfg is not None:
         if stored_cfg.method != name:
             raise ValueError(f"{run_dir} holds a {stored_cfg.method!r} run, not {name!r}; use another --runs folder")
         if stored_cfg.data.dims != data.dims or tuple(stored_cfg.data.size) != tuple(data.size):
             raise ValueError(f"{run_dir} was trained on {stored_cfg.data.dims}D images of size "
                              f"{tuple(stored_cfg.data.size)}, the benchmark uses {data.dims}D {tuple(data.size)}; "
                              "use another --runs folder")
-        step = int(load_checkpoint(run_dir / "checkpoint.pt")["step"])
-    train_data = None
-    if stored_cfg is not None:
         if stored_cfg.train.epochs:
             train_data = _open(spec, "train", data, profile, stored_cfg.data.intensity)
-        total = total_steps(stored_cfg.train, len(train_data) if train_data is not None else 0)
-        if step >= total:  # finished: reuse as it is
+        step = run.step()
+        if step >= total_steps(stored_cfg.train, len(train_data) if train_data is not None else 0):
+            # finished (at whatever budget it was trained): reuse it as it is
             model, cfg = load_run(run_dir, device=device)
-            info.update(status="reused", config=cfg, steps=step, seconds=_last_log_seconds(run_dir))
-            trained_on = run_dir / "data.json"
-            if trained_on.is_file():
-                src = json.loads(trained_on.read_text()).get("data")
-                if src != spec:
-                    notes.append(f"the reused run was trained on {src!r}")
-            if cfg.profile != profile:
-                notes.append(f"the reused run is a {cfg.profile!r} run")
-            if seed is not None and cfg.train.seed != int(seed):
-                notes.append(f"the reused run was trained with seed {cfg.train.seed} (seed {seed} asked)")
-            if steps is not None and step != steps:
-                notes.append(f"the reused run was trained for {step:,} steps ({steps:,} asked)")
-            logged = read_csv(run_dir / "log.csv") if (run_dir / "log.csv").is_file() else []
-            if curve is not None and not any(isinstance(r.get("val_dice"), float) and r["val_dice"] == r["val_dice"]
-                                             for r in logged):
-                notes.append("the reused run logged no learning curve (train it in a new --runs folder for one)")
-            info["notes"] = notes
+            info.update(status="reused", config=cfg, steps=step, seconds=run.seconds())
+            info["notes"] = notes + _reuse_notes(run, cfg, spec, profile, seed, steps, step, curve)
             return model, info
     if train_data is None or tuple(cfg.data.intensity) != tuple(stored_cfg.data.intensity):
         train_data = _open(spec, "train", data, profile, cfg.data.intensity)
@@ -333,17 +298,33 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
     if curve is not None:
         validation = _open(spec, "val", data, profile, cfg.data.intensity)
         cfg.train.log_every = int(curve["every"])
-    seed_everything(cfg.train.seed)
-    model = build(cfg)
-    fit(model, train_data, cfg, out=run_dir, device=device, resume=True, progress=progress, validation=validation,
+    model, status = train_or_reuse(
+        cfg, train_data, run_dir, spec=spec, device=device, progress=progress, resume=True, validation=validation,
         val_every=None if curve is None else int(curve["every"]),
         val_pairs=4 if curve is None else int(curve["pairs"]),
         val_options=None if curve is None else curve.get("options"), max_seconds=max_seconds)
-    (run_dir / "data.json").write_text(json.dumps({"data": spec, "method": name}))
-    step = int(load_checkpoint(run_dir / "checkpoint.pt")["step"])
-    info.update(status="resumed" if stored_cfg is not None else "trained", config=cfg, steps=step,
-                seconds=_last_log_seconds(run_dir), notes=notes)
+    info.update(status="resumed" if stored_cfg is not None else "trained", config=cfg, steps=run.step(),
+                seconds=run.seconds(), notes=notes)
     return model.eval(), info
+
+
+def _reuse_notes(run: Any, cfg: MethodConfig, spec: str, profile: str, seed: int | None, steps: int | None,
+                 step: int, curve: dict[str, Any] | None) -> list[str]:
+    """What differs between a reused finished run and what the benchmark asked for."""
+    notes = []
+    src = run.data_spec()
+    if src is not None and src != spec:
+        notes.append(f"the reused run was trained on {src!r}")
+    if cfg.profile != profile:
+        notes.append(f"the reused run is a {cfg.profile!r} run")
+    if seed is not None and cfg.train.seed != int(seed):
+        notes.append(f"the reused run was trained with seed {cfg.train.seed} (seed {seed} asked)")
+    if steps is not None and step != steps:
+        notes.append(f"the reused run was trained for {step:,} steps ({steps:,} asked)")
+    if curve is not None and not any(isinstance(r.get("val_dice"), float) and r["val_dice"] == r["val_dice"]
+                                     for r in run.log()):
+        notes.append("the reused run logged no learning curve (train it in a new --runs folder for one)")
+    return notes
 
 
 def parse_budget(text: str | None) -> tuple[str, float] | None:
@@ -635,13 +616,12 @@ def learning_curves(info: Mapping[str, Mapping[str, Any]]) -> Table:
     Returns:
         A :class:`~diffreg.evaluate.Table` (empty when no run logged a validation).
     """
+    from diffreg.runs import open_run
+
     rows = Table()
     for name, meta in info.items():
-        log = Path(meta["run"]) / "log.csv"
-        if not log.is_file():
-            continue
         batch = int(meta["config"].train.batch_size)
-        for r in read_csv(log):
+        for r in open_run(meta["run"]).log():
             v = r.get("val_dice")
             if isinstance(v, float) and not math.isnan(v):
                 rows.append({"method": name, "step": int(r["step"]), "pairs_seen": int(r["step"]) * batch,

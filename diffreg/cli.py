@@ -100,31 +100,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from diffreg.config import get_config
     from diffreg.models import build
     from diffreg.device import distributed_info
-    from diffreg.train import CHECKPOINT, check_run_dir, fit, set_stage_steps
+    from diffreg.runs import open_run
+    from diffreg.train import fit, set_stage_steps
 
     cfg = get_config(args.method, args.profile, args.dims)
-    if args.steps is not None:
-        cfg.train.steps, cfg.train.epochs = args.steps, None
-    if args.lr is not None:
-        cfg.train.lr = args.lr
-    if args.batch_size is not None:
-        cfg.train.batch_size = args.batch_size
-    if args.size is not None:
-        cfg.data.size = tuple(args.size)
+    cfg.set_budget(steps=args.steps, lr=args.lr, batch_size=args.batch_size, size=args.size, amp=args.amp,
+                   seed=args.seed)
     if args.stage_steps is not None and not set_stage_steps(cfg, args.stage_steps):
         print(f"note: {cfg.method} has no first stage; --stage-steps ignored")
     _apply_protocol(cfg, args)
-    cfg.train.amp = bool(args.amp)
-    cfg.train.seed = args.seed
-    out = _folder(args.out, "--out")
+    run = open_run(_folder(args.out, "--out"))
+    out = run.path
     # a run directory of another method, profile, model or data is refused before anything is trained
-    check_run_dir(out, None if args.no_resume else cfg.to_dict())
-    info = out / "data.json"
-    if not args.no_resume and (out / CHECKPOINT).is_file() and info.is_file():
-        stored = json.loads(info.read_text()).get("data")
-        if stored != args.data:
-            raise ValueError(f"{out} holds a {cfg.method} run trained on --data {stored}, not {args.data}: start "
-                             "fresh in a new folder (--out NEW_FOLDER --no-resume), or repeat its --data to continue")
+    run.check(None if args.no_resume else cfg, None if args.no_resume else args.data)
     device = _device(args)
     rank = distributed_info()[0]
     torch.manual_seed(args.seed)
@@ -136,8 +124,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"{cfg.method} ({cfg.profile}, {cfg.data.dims}D): {model.num_parameters():,} parameters; "
               f"{len(data)} training pairs from {args.data} ({_protocol_text(data)})")
         print(f"{_device_line(device)}; {precision}")
-        out.mkdir(parents=True, exist_ok=True)
-        info.write_text(json.dumps({"data": args.data, "method": cfg.method}))
+        run.write_data_spec(args.data, cfg.method)
     rows = fit(model, data, cfg, out=out, device=device, resume=not args.no_resume)
     import torch.distributed as dist
 
@@ -181,8 +168,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(_device_line(device))
     spec = args.data
     if spec is None:  # the data the run was trained on
-        info = Path(args.run) / "data.json"
-        spec = json.loads(info.read_text())["data"] if info.is_file() else "phantom"
+        from diffreg.runs import open_run
+
+        spec = open_run(args.run).data_spec() or "phantom"
         args.data = spec
     _apply_protocol(cfg, args)
     data = _dataset(spec, args.split, cfg)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -115,6 +116,43 @@ class MethodConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     source: str = ""
+
+    def set_budget(self, steps: int | None = None, lr: float | None = None, batch_size: int | None = None,
+                   size: Sequence[int] | None = None, amp: bool | None = None,
+                   seed: int | None = None) -> "MethodConfig":
+        """Override the training budget in place (``None`` leaves a setting as it is) and return ``self``: the one
+        way the command line, the benchmark and the chapters change a profile's budget.
+
+        Args:
+            steps: optimisation steps; an epoch-based profile becomes step-based (``epochs = None``).
+            lr: peak learning rate.
+            batch_size: samples per step.
+            size: spatial size of the images, ``(H, W)`` or ``(D, H, W)``.
+            amp: mixed precision on CUDA.
+            seed: seed of the initialisation, data order and training noise; also of the stages trained before the
+                main loop that have a seed of their own (LDM-Morph's ``stage1_seed``).
+
+        Raises:
+            ValueError: ``steps``, ``lr`` or ``batch_size`` not positive.
+        """
+        for name, value in (("steps", steps), ("lr", lr), ("batch_size", batch_size)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if steps is not None:
+            self.train.steps, self.train.epochs = int(steps), None
+        if lr is not None:
+            self.train.lr = float(lr)
+        if batch_size is not None:
+            self.train.batch_size = int(batch_size)
+        if size is not None:
+            self.data.size = tuple(int(v) for v in size)
+        if amp is not None:
+            self.train.amp = bool(amp)
+        if seed is not None:
+            self.train.seed = int(seed)
+            if "stage1_seed" in self.model:
+                self.model["stage1_seed"] = int(seed)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary (written to ``config.json`` of every run)."""

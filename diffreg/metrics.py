@@ -28,7 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "ACDC_LABELS", "CAMUS_LABELS", "dice", "acdc_dice", "camus_dice", "jacobian_determinant", "folding_percent",
-    "jacobian_std", "sdlogj", "hd95", "endpoint_error", "registration_report", "warped_dice", "psnr", "nmse",
+    "jacobian_std", "sdlogj", "jacobian_statistics", "hd95", "endpoint_error", "registration_report", "warped_dice", "psnr", "nmse",
 ]
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -244,6 +244,22 @@ def folding_percent(ddf: ArrayLike) -> Tensor:
     return _folding_from_det(jacobian_determinant(ddf))
 
 
+def jacobian_statistics(det: ArrayLike) -> dict[str, Tensor]:
+    """The Jacobian statistics of a determinant map, one value per batch item.
+
+    Args:
+        det: ``(B, *spatial)`` determinants (:func:`jacobian_determinant`, or a world-space determinant).
+
+    Returns:
+        ``{"folding_percent": 100 x fraction of det <= 0, "jacobian_std": SD of det, "sdlogj": SD of
+        log(max(det, 1e-9))}``, each ``(B,)`` (the quantities of :func:`folding_percent`, :func:`jacobian_std` and
+        :func:`sdlogj`, from one determinant).
+    """
+    det = _as_tensor(det, "det")
+    return {"folding_percent": _folding_from_det(det), "jacobian_std": _std_from_det(det),
+            "sdlogj": _sdlogj_from_det(det)}
+
+
 def _folding_from_det(det: Tensor) -> Tensor:
     return 100.0 * (det <= 0).flatten(1).double().mean(1)
 
@@ -448,9 +464,7 @@ def registration_report(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: Ar
         report.update({f"dice_{v}": after[:, k] for k, v in enumerate(values)})
 
     det = jacobian_determinant(u)  # once for the three Jacobian statistics
-    report["folding_percent"] = _folding_from_det(det).cpu()
-    report["jacobian_std"] = _std_from_det(det).cpu()
-    report["sdlogj"] = _sdlogj_from_det(det).cpu()
+    report.update({k: v.cpu() for k, v in jacobian_statistics(det).items()})
     hd = hd95(warped, fl, list(names.values()), spacing=spacing)
     report["hd95"] = _nanmean(hd, 1)
     report.update({f"hd95_{name}": hd[:, k] for k, name in enumerate(names)})

@@ -325,7 +325,7 @@ def measure_speed(method: str, profile: str = "paper", dims: int | None = None, 
     from diffreg.config import get_config
     from diffreg.models import build
     from diffreg.device import resolve_device
-    from diffreg.train import _make_optimizer
+    from diffreg.train import make_optimizer, train_step
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -364,23 +364,16 @@ def measure_speed(method: str, profile: str = "paper", dims: int | None = None, 
 
     # ---- training -------------------------------------------------------------------------------------------
     if train:
-        optimizer = _make_optimizer(model, cfg.train)
+        optimizer = make_optimizer(model, cfg.train)
         scaler = torch.amp.GradScaler(dev.type, enabled=amp and amp_dtype == torch.float16)
 
-        def train_step() -> None:
-            with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=amp):
-                loss = model.loss(batch)["total"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.train.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+        def one_step() -> None:   # the trainer's step on the fixed batch
+            train_step(model.loss, batch, optimizer, scaler, cfg.train.grad_clip, model.parameters(),
+                       (dev.type, amp_dtype, amp))
 
         model.train()
         try:
-            times = _timed(train_step, dev, warmup, steps, after_warmup=mem.reset)
+            times = _timed(one_step, dev, warmup, steps, after_warmup=mem.reset)
             med = statistics.median(times)
             result.update(train_times=times, train_s_per_step=med, samples_per_s=B / med)
             result["peak_train_bytes"] = mem.peak(tensor_bytes(model, optimizer, batch))

@@ -21,12 +21,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -36,13 +35,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffreg.config import MethodConfig, TrainConfig
 from diffreg.device import default_device, distributed_info, resolve_device
+from diffreg.runs import (CHECKPOINT, CONFIG, LOG, RunFolder, _check_same_run, _describe, check_run_dir,
+                          load_checkpoint, load_run, save_checkpoint)
 
-__all__ = ["fit", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info",
+__all__ = ["fit", "train_step", "make_optimizer", "train_or_reuse", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info",
            "default_device", "check_run_dir", "set_stage_steps", "stage_budgets", "train_stages"]
 
-CHECKPOINT = "checkpoint.pt"
-LOG = "log.csv"
-CONFIG = "config.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -50,72 +48,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _describe(cfg: dict[str, Any]) -> str:
-    """``"voxelmorph (quick profile, 2D (64, 64))"`` from a stored configuration dictionary."""
-    data = cfg.get("data", {}) or {}
-    size = tuple(data.get("size", ()) or ())
-    return f"{cfg.get('method', '?')} ({cfg.get('profile', '?')} profile, {data.get('dims', '?')}D {size})"
-
-
-def _normalised(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A stored configuration with the current defaults filled in and tuples as lists (comparable as JSON)."""
-    try:
-        cfg = MethodConfig.from_dict(cfg).to_dict()
-    except (KeyError, TypeError):  # written by another version: compare what is there
-        pass
-    return json.loads(json.dumps(cfg, default=list))
-
-
-#: configuration sections a resumed run must share with the stored one (the training budget may change)
-_RUN_IDENTITY = ("method", "profile", "model", "data")
-
-
-def check_run_dir(out: str | Path, config: dict[str, Any] | None = None) -> None:
-    """Check that ``out`` can hold a run: it is a folder (or does not exist yet), and a checkpoint in it belongs to
-    the same method, profile, model and data settings as ``config`` (a :meth:`MethodConfig.to_dict`).
-
-    Args:
-        out: the run directory.
-        config: the configuration about to be trained (``None``: only check that ``out`` is not a file).
-
-    Raises:
-        ValueError: ``out`` is an existing file, or it holds a run of another method, profile, model or data
-            (the message says what it holds and how to start fresh).
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file, not a run directory: name a folder (it is created)")
-    ckpt_path = out / CHECKPOINT
-    if config is not None and ckpt_path.is_file():
-        _check_same_run(out, load_checkpoint(ckpt_path), config)
-
-
-def _check_same_run(out: Path, ckpt: dict[str, Any], config: dict[str, Any]) -> None:
-    """Raise ``ValueError`` when the checkpoint ``ckpt`` of ``out`` is not a run of ``config`` (see
-    :func:`check_run_dir`)."""
-    stored = ckpt.get("config")
-    if not isinstance(stored, dict):
-        return
-    old, new = _normalised(stored), _normalised(config)
-    details: list[str] = []
-    for k in _RUN_IDENTITY:
-        if k not in old or k not in new or old[k] == new[k]:
-            continue
-        if isinstance(old[k], dict) and isinstance(new[k], dict):
-            # settings both versions know (one added by a newer diffreg is not a different run)
-            changed = [f"{k}.{j}: {old[k][j]!r} -> {new[k][j]!r}" for j in sorted(set(old[k]) & set(new[k]))
-                       if old[k][j] != new[k][j]]
-            details += changed[:4] + ([f"... ({len(changed) - 4} more)"] if len(changed) > 4 else [])
-        else:
-            details.append(f"{k}: {old[k]!r} -> {new[k]!r}")
-    if not details:
-        return
-    raise ValueError(
-        f"{out} holds a {_describe(old)} run at step {int(ckpt.get('step', 0))}, which this training cannot "
-        f"resume ({'; '.join(details)}). Start fresh in a new folder (--out NEW_FOLDER --no-resume, or "
-        f"fit(..., out=NEW_FOLDER, resume=False)), or repeat that run's settings to continue it.")
 
 
 class StepSampler(Sampler[list[int]]):
@@ -244,8 +176,7 @@ def train_stages(model: nn.Module, data: Dataset, out: str | Path | None = None,
                    out=stage_out, device=device, resume=resume, progress=progress)
         stage.module.requires_grad_(False)
         if stage_out is not None and (stage_out / LOG).is_file():  # every row, also those of an earlier call
-            with open(stage_out / LOG, newline="") as fh:
-                rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+            rows = RunFolder(stage_out).log()
         if stage.done is not None:
             stage.done(rows)
     return [stage.name for stage in todo]
@@ -264,7 +195,9 @@ def _lr_lambda(cfg: TrainConfig, total: int):
     return fn
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of :class:`~diffreg.config.TrainConfig` ``cfg`` (Adam or AdamW) over the parameters of
+    ``model`` that require gradients (frozen stages are left out)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -296,31 +229,46 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` with ``torch.save`` atomically: to ``path + ".tmp"``, then ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def train_step(loss_fn: Callable[[dict[str, Any]], dict[str, torch.Tensor]], batch: dict[str, Any],
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None = None,
+               parameters: Iterable[nn.Parameter] = (), autocast: tuple[str, torch.dtype, bool] = ("cpu", torch.bfloat16,
+                                                                                          False),
+               step: int = 0) -> dict[str, torch.Tensor]:
+    """One optimisation step, as :func:`fit` takes it (and :func:`diffreg.speed.measure_speed` times it).
 
+    ``loss_fn(batch)`` under ``torch.autocast(*autocast)``, a check that ``"total"`` is finite, backward through the
+    (possibly scaled) loss, gradient-norm clipping of ``parameters`` to ``grad_clip`` (when set), the optimizer and
+    scaler steps.
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`fit` with ``weights_only=True``.
+    Args:
+        loss_fn: ``model.loss`` (or a module whose forward is it); returns a dict with ``"total"``.
+        batch: the batch, already on the device.
+        optimizer, scaler: the optimizer and the gradient scaler (disabled unless float16 autocast).
+        grad_clip: clip the gradient norm to this value (``None``: no clipping).
+        parameters: what is clipped.
+        autocast: ``(device_type, dtype, enabled)``.
+        step: the step number, for the error message.
+
+    Returns:
+        The loss terms of the step.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable diffreg checkpoint.
+        FloatingPointError: the loss is NaN or Inf.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt or foreign file
-        raise ValueError(f"{path}: not a readable diffreg checkpoint ({exc})") from exc
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
-        raise ValueError(f"{path}: not a diffreg checkpoint (missing 'model' or 'step')")
-    return ckpt
+    device_type, dtype, enabled = autocast
+    with torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled):
+        terms = loss_fn(batch)
+    loss = terms["total"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(list(parameters), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return terms
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -426,7 +374,7 @@ def fit(
         prepare(data, out=out_dir, device=device, progress=progress and rank == 0,
                 **({"seed": tcfg.seed} if takes_seed else {}))
 
-    optimizer = _make_optimizer(model, tcfg)
+    optimizer = make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tcfg, total))
     use_amp = bool(tcfg.amp) and device.type == "cuda"
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.amp_dtype]
@@ -492,19 +440,8 @@ def fit(
     n_running = int(resumed_log.get("n_running", 0))
     try:
         for batch in batches:
-            batch = _to_device(batch, device)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                terms = train_module(batch)
-            loss = terms["total"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tcfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            terms = train_step(train_module, _to_device(batch, device), optimizer, scaler, tcfg.grad_clip,
+                               model.parameters(), (device.type, amp_dtype, use_amp), step)
             scheduler.step()
             step += 1
             for k, v in terms.items():
@@ -603,28 +540,42 @@ def _checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, scaler, s
         dist.barrier()
 
 
-def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, MethodConfig]:
-    """Rebuild the model of a run directory written by :func:`fit` and load its latest weights.
+def train_or_reuse(config: MethodConfig, data: Dataset, out: str | Path, spec: str | None = None,
+                   device: str | torch.device | None = None, progress: bool = False,
+                   **fit_options: Any) -> tuple[nn.Module, str]:
+    """The model of ``config`` trained in ``out``: the finished run there reused as it is, a partial run resumed,
+    or a new run trained (the model initialised after ``seed_everything(config.train.seed)``).
+
+    This is what the command line, the benchmark and the chapters do when they need a trained model: one rule, so a
+    chapter re-run after a finished run costs a load, not a training.
 
     Args:
-        run_dir: a run directory (``config.json`` and ``checkpoint.pt``).
-        device: where to put the model; default :func:`default_device`.
+        config: the method configuration (its ``train`` section is the budget: :meth:`MethodConfig.set_budget`).
+        data: the training pairs (its length decides when an epoch-based run is finished).
+        out: the run directory.
+        spec: the data string the pairs came from; recorded in ``data.json``, and a run trained on another one is
+            refused.
+        device: where to train or load (default :func:`diffreg.device.default_device`).
+        progress: show progress bars.
+        **fit_options: passed to :func:`fit` (``validation``, ``val_every``, ``max_seconds``, ...).
 
     Returns:
-        ``(model, config)`` with the model in eval mode on ``device``.
+        ``(model, status)`` with the model in eval mode and ``status`` one of ``"reused"``, ``"resumed"``,
+        ``"trained"``.
 
     Raises:
-        FileNotFoundError: ``run_dir`` has no ``config.json`` or ``checkpoint.pt``.
+        ValueError: ``out`` holds a run of another configuration or data.
     """
     from diffreg.models import build
 
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / CONFIG
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a diffreg run directory?")
-    cfg = MethodConfig.from_dict(json.loads(cfg_path.read_text()))
-    device = resolve_device(device)
-    ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
-    model = build(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg
+    run = RunFolder(Path(out))
+    run.check(config, spec)
+    step = run.step()
+    if step and step >= total_steps(config.train, len(data)):
+        return load_run(run.path, device=device)[0], "reused"
+    seed_everything(config.train.seed)
+    model = build(config)
+    fit(model, data, config, out=run.path, device=device, progress=progress, **fit_options)
+    if spec is not None:
+        run.write_data_spec(spec, config.method)
+    return model.eval(), "resumed" if step else "trained"

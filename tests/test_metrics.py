@@ -290,3 +290,22 @@ def test_random_smooth_field_shapes_scale_and_reproducibility():
         random_smooth_field(1, (8,), grids=(3,))
     with pytest.raises(ValueError):
         random_smooth_field(1, (8, 8), grids=(1,))
+
+
+def test_jacobian_statistics_of_a_known_determinant_map():
+    import math
+
+    from diffreg.metrics import jacobian_statistics
+
+    det = torch.tensor([[[1.0, -1.0], [0.5, 2.0]]], dtype=torch.float64)
+    s = jacobian_statistics(det)
+    assert s["folding_percent"].tolist() == [25.0]
+    assert s["jacobian_std"].item() == pytest.approx(float(torch.tensor([1.0, -1.0, 0.5, 2.0]).double().std(correction=0)))
+    logs = torch.tensor([0.0, math.log(1e-9), math.log(0.5), math.log(2.0)], dtype=torch.float64)
+    assert s["sdlogj"].item() == pytest.approx(float(logs.std(correction=0)))
+    # the same numbers as the per-field functions, from one determinant
+    from diffreg.metrics import folding_percent, jacobian_determinant, sdlogj
+
+    ddf = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    stats = jacobian_statistics(jacobian_determinant(ddf))
+    assert torch.equal(stats["folding_percent"], folding_percent(ddf)) and torch.equal(stats["sdlogj"], sdlogj(ddf))
