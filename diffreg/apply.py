@@ -5,19 +5,21 @@ Explained in ``book/reproducing.md`` ("Registering your own images"); the comman
 
 **What happens to a pair** (:func:`register_files`):
 
-1. Both files are read with SimpleITK (NIfTI ``.nii``/``.nii.gz``, MetaImage ``.mhd`` + raw or ``.mha``), which gives
-   every image its world geometry in ITK's LPS frame: ``x = origin + direction @ (spacing * k)`` for the ITK index
-   ``k = (i, j[, k])``. diffreg's array order ``(H, W)`` / ``(D, H, W)`` is SimpleITK's ``GetArrayFromImage`` order
-   ``(y, x)`` / ``(z, y, x)``: array axis ``i`` is ITK index axis ``ndim - 1 - i``.
+1. Both files (and the labels) are read and checked by :func:`diffreg.data.io.read_image_file`, the datasets'
+   reader (NIfTI ``.nii``/``.nii.gz``, MetaImage ``.mhd`` + raw or ``.mha``): a truncated or unreadable file, NaN/Inf
+   voxels, a constant image, and a label that does not lie on its image's grid are refused with the file's name.
+   SimpleITK gives every image its world geometry in ITK's LPS frame: ``x = origin + direction @ (spacing * k)``
+   for the ITK index ``k = (i, j[, k])``. diffreg's array order ``(H, W)`` / ``(D, H, W)`` is SimpleITK's
+   ``GetArrayFromImage`` order ``(y, x)`` / ``(z, y, x)``: array axis ``i`` is ITK index axis ``ndim - 1 - i``.
 2. **Moving and fixed grids are reconciled first**: the moving image is resampled onto the fixed image's grid in
    world space (SimpleITK ``Resample`` with the fixed image as reference, the identity transform, linear
    interpolation, the moving image's minimum outside it). From there on both images share one grid and are
    preprocessed identically, so the network's field lives in one grid only.
 3. Both are preprocessed as the run's profile preprocesses its training data (:class:`Preprocessing`, chosen by
    :func:`preprocessing_for` from the run's ``config.json`` and ``data.json``), with the functions of
-   :mod:`diffreg.data.pairs`: resampling to the profile's voxel size, centre crop/pad, intensity clipping and
-   scaling. Every step is an axis-aligned affine map of voxel indices, so the network grid relates to the fixed grid
-   by ``p = scale * r + offset`` per array axis (:class:`GridMap`).
+   :mod:`diffreg.data.preprocess` that the datasets call: resampling to the profile's voxel size, centre crop/pad,
+   intensity clipping and scaling. Every step is an axis-aligned affine map of voxel indices, so the network grid
+   relates to the fixed grid by ``p = scale * r + offset`` per array axis (:class:`GridMap`).
 4. The run's model registers the pair (``model.register``, sampler options passed through): a displacement ``u`` in
    network voxels, pull convention ``warped(r) = moving(r + u(r))``.
 5. The field is brought back to the fixed image's own grid: ``u`` is sampled (linear interpolation; outside the
@@ -61,6 +63,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffreg.data.io import ImageFile, check_label_grid, read_image_file
+from diffreg.data.preprocess import GridMap, fit_resize, fit_square, fit_volume, normalize_intensity, to_range
+
 __all__ = [
     "register_files",
     "register_pairs",
@@ -83,8 +88,6 @@ OUTPUT_FILES = {
     "jacobian": "jacobian.nii.gz",
     "metrics": "metrics.json",
 }
-_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha")
-_KIND = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".mhd": "MetaImage", ".mha": "MetaImage"}
 #: spacing ratio above which a 3D image whose first array axis is not the coarse one is refused
 _SLICE_AXIS_RATIO = 1.5
 
@@ -102,16 +105,21 @@ def _sitk():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for s in sorted(_SUFFIXES, key=len, reverse=True):
-        if name.endswith(s):
-            return s
-    return ""
+def _read(path: PathLike, role: str = "image") -> ImageFile:
+    """A 2D or 3D scalar image or label file, read and checked by :func:`diffreg.data.io.read_image_file` with its
+    SimpleITK image (:attr:`~diffreg.data.io.ImageFile.itk`, geometry in LPS)."""
+    _sitk()
+    file = read_image_file(path, role, itk=True)
+    img = file.itk
+    if img.GetDimension() not in (2, 3):
+        raise ValueError(f"{file.path}: a {img.GetDimension()}D image of size {img.GetSize()}; registration takes 2D "
+                         "or 3D images (for a time series, extract one frame first)")
+    return file
 
 
 def read_image(path: PathLike, what: str = "image"):
-    """Read a 2D or 3D scalar image with SimpleITK, with checks whose errors name the file.
+    """Read a 2D or 3D scalar image with :func:`diffreg.data.io.read_image_file`, with checks whose errors name the
+    file, and return its SimpleITK image.
 
     Args:
         path: ``.nii``, ``.nii.gz``, ``.mhd`` (+ its raw file) or ``.mha``.
@@ -122,42 +130,11 @@ def read_image(path: PathLike, what: str = "image"):
 
     Raises:
         FileNotFoundError: the file (or a MetaImage's raw data file) does not exist.
-        ValueError: unknown extension, unreadable or corrupt file, a vector (multi-component) image, a dimension
-            other than 2 or 3, NaN/Inf voxels or a constant image, labels that are not non-negative integers.
+        ValueError: unknown extension, unreadable, corrupt or truncated file, a vector (multi-component) image, a
+            dimension other than 2 or 3, NaN/Inf voxels or a constant image, labels that are not non-negative
+            integers.
     """
-    from diffreg.data.io import check_image, check_mhd_data_file
-
-    sitk = _sitk()
-    path = Path(path)
-    suffix = _suffix(path)
-    if not suffix:
-        raise ValueError(f"{path}: unknown image format (expected {', '.join(_SUFFIXES)})")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    if suffix == ".mhd":
-        check_mhd_data_file(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except Exception as exc:  # SimpleITK raises RuntimeError with a long ITK trace
-        first = " ".join(str(exc).strip().splitlines()[-1:]).strip()[:300]
-        raise ValueError(f"{path}: unreadable {_KIND[suffix]} file ({type(exc).__name__}: {first})") from exc
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: has {img.GetNumberOfComponentsPerPixel()} components per voxel (a vector or "
-                         f"colour image); give a scalar {what}")
-    if img.GetDimension() not in (2, 3):
-        raise ValueError(f"{path}: a {img.GetDimension()}D image of size {img.GetSize()}; registration takes 2D or 3D "
-                         "images (for a time series, extract one frame first)")
-    arr = sitk.GetArrayViewFromImage(img)
-    if what == "label":
-        arr = np.asarray(arr)
-        if arr.dtype.kind == "f":
-            if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
-                raise ValueError(f"{path}: label map has non-integer or NaN/Inf values; expected integer labels")
-        if arr.size and arr.min() < 0:
-            raise ValueError(f"{path}: label map has negative values (min {arr.min():g}); expected labels >= 0")
-    else:
-        check_image(arr, path)
-    return img
+    return _read(path, what).itk
 
 
 def _geometry(img) -> tuple[np.ndarray, np.ndarray]:
@@ -183,51 +160,26 @@ def _same_grid(a, b, tol: float = 1e-4) -> bool:
 
 
 @dataclass(frozen=True)
-class GridMap:
-    """Where the network grid lies in an image's grid: ``p = scale * r + offset`` per array axis.
-
-    Attributes:
-        shape: the network grid's shape (the run's size), array order.
-        scale: image voxels per network voxel, per array axis.
-        offset: the image's (continuous) array index of network voxel 0, per array axis.
-        spacing: the network grid's voxel size in mm, array order (``image spacing * scale``).
-    """
-
-    shape: tuple[int, ...]
-    scale: tuple[float, ...]
-    offset: tuple[float, ...]
-    spacing: tuple[float, ...]
-
-    def to_image(self, r: np.ndarray) -> np.ndarray:
-        """Network indices ``(ndim, ...)`` -> image indices (array order)."""
-        a, b = np.asarray(self.scale), np.asarray(self.offset)
-        shape = (-1,) + (1,) * (np.ndim(r) - 1)
-        return np.asarray(r) * a.reshape(shape) + b.reshape(shape)
-
-    def to_network(self, p: np.ndarray) -> np.ndarray:
-        """Image indices ``(ndim, ...)`` -> network indices (array order)."""
-        a, b = np.asarray(self.scale), np.asarray(self.offset)
-        shape = (-1,) + (1,) * (np.ndim(p) - 1)
-        return (np.asarray(p) - b.reshape(shape)) / a.reshape(shape)
-
-
-@dataclass(frozen=True)
 class Preprocessing:
     """How a run's training data were preprocessed, applied to one image (:meth:`apply`).
 
     Intensities are clipped at the ``clip_percentile``-th percentile and min-max scaled to [0, 1]
-    (:func:`diffreg.data.pairs.normalize_intensity`) before any resampling, padded with 0, and finally mapped to
-    ``intensity``. The geometry (``mode``):
+    (:func:`diffreg.data.preprocess.normalize_intensity`) before any resampling, padded with 0, and finally mapped
+    to ``intensity`` (:func:`diffreg.data.preprocess.to_range`). The geometry (``mode``) is one of the functions of
+    :mod:`diffreg.data.preprocess` that the datasets call, which give the array and its :class:`GridMap` together:
 
-    * ``"resample"`` (3D; ACDC volumes and 3D phantoms): resample to the voxel size ``spacing`` (mm, array order;
-      :func:`diffreg.data.pairs.resample`), then centre crop/pad to ``size``
-      (:func:`diffreg.data.pairs.pad_or_crop`);
-    * ``"square"`` (2D; ACDC slices and short-axis phantoms): resample to square pixels when the pixel spacing is
-      anisotropic (finest spacing), pad the whole slice to a centred square, resize it to ``inner`` and pad/crop to
-      ``size`` (LDM-Morph's 112 in 128). The ACDC ``quick`` profile trains on a square around the heart found from
-      the masks; a pair of files has no masks, so the whole slice is used: crop your images around the heart to
-      match that field of view;
-    * ``"resize"`` (2D; CAMUS and the echo phantom): the whole image resized to ``size`` (aspect not kept).
+    * ``"resample"`` (3D; ACDC volumes and 3D phantoms; :func:`~diffreg.data.preprocess.fit_volume`): resample to
+      the voxel size ``spacing`` (mm, array order), then centre crop/pad to ``size``;
+    * ``"square"`` (2D; ACDC slices and short-axis phantoms; :func:`~diffreg.data.preprocess.fit_square`): resample
+      to square pixels when the pixel spacing is anisotropic (finest spacing), pad the whole slice to a centred
+      square, resize it to ``inner`` and pad/crop to ``size`` (LDM-Morph's 112 in 128). The ACDC ``quick`` profile
+      trains on a square around the heart found from the masks; a pair of files has no masks, so the whole slice is
+      used: crop your images around the heart to match that field of view;
+    * ``"resize"`` (2D; CAMUS and the echo phantom; :func:`~diffreg.data.preprocess.fit_resize`): the whole image
+      resized to ``size`` (aspect not kept).
+
+    The ACDC 2D datasets clip and scale the intensities of a whole volume before cutting it into slices; here each
+    image is scaled on its own.
 
     Attributes:
         dims: 2 or 3.
@@ -278,75 +230,25 @@ class Preprocessing:
         return self._run(np.asarray(image, dtype=np.float32), np.shape(image), spacing)
 
     def _run(self, x: np.ndarray | None, shape: Sequence[int], spacing: Sequence[float]):
-        from diffreg.data import pairs
-
+        """The preprocessed image (``None`` without one) and the :class:`GridMap`, both from the functions of
+        :mod:`diffreg.data.preprocess` that the datasets call."""
         shape = tuple(int(s) for s in shape)
         spacing = tuple(float(s) for s in spacing)
         if len(shape) != self.dims or len(spacing) != self.dims:
             raise ValueError(f"a {self.dims}D preprocessing needs {self.dims} axes, got shape {shape} and spacing "
                              f"{spacing}")
-        n = self.dims
-        a, b = np.ones(n), np.zeros(n)
-        cur = shape
-
-        def resized(new: tuple[int, ...]) -> None:  # align_corners=False: old = (new + 0.5) * n / m - 0.5
-            nonlocal a, b, cur
-            r = np.asarray(cur, np.float64) / np.asarray(new, np.float64)
-            b = a * (0.5 * r - 0.5) + b
-            a = a * r
-            cur = new
-
-        def shifted(off: Sequence[float]) -> None:  # old = new + off
-            nonlocal b
-            b = b + a * np.asarray(off, np.float64)
-
-        def padded(target: tuple[int, ...]) -> None:  # pad_or_crop's centring (MONAI ResizeWithPadOrCrop)
-            nonlocal cur
-            shifted([m // 2 - s // 2 if m > s else -((s - m) // 2) for m, s in zip(cur, target)])
-            cur = target
-
-        if x is not None:
-            x = pairs.normalize_intensity(x, self.clip_percentile)
+        images = [] if x is None else [normalize_intensity(x, self.clip_percentile)]
         if self.mode == "resample":
-            new = tuple(max(1, int(round(m * s / t))) for m, s, t in zip(cur, spacing, self.spacing))
-            if x is not None:
-                x, _ = pairs.resample(x, spacing, self.spacing)
-            resized(new)
-            if x is not None:
-                x = pairs.pad_or_crop(x, self.size, 0.0)
-            padded(tuple(self.size))
+            fit = fit_volume(shape, spacing, self.spacing, self.size, images)
         elif self.mode == "square":
-            fine = min(spacing)
-            if max(spacing) / fine > 1.01:
-                new = tuple(max(1, int(round(m * s / fine))) for m, s in zip(cur, spacing))
-                if x is not None:
-                    x, _ = pairs.resample(x, spacing, (fine, fine))
-                resized(new)
-            r0, c0, side = pairs._square_box(None, cur, 1.0)
-            if x is not None:
-                x = pairs._crop_box(x, (r0, c0, side))
-            shifted((r0, c0))
-            cur = (side, side)
-            if x is not None:
-                x = pairs.resize(x, self.inner)
-            resized(tuple(self.inner))
-            if x is not None:
-                x = pairs.pad_or_crop(x, self.size, 0.0)
-            padded(tuple(self.size))
+            fit = fit_square(shape, spacing, self.inner, self.size, images, square_pixels=True)
         elif self.mode == "resize":
-            if x is not None:
-                x = pairs.resize(x, self.size)
-            resized(tuple(self.size))
+            fit = fit_resize(shape, spacing, self.size, images)
         else:
             raise ValueError(f"unknown preprocessing mode {self.mode!r}; valid: resample, square, resize")
-        grid = GridMap(shape=tuple(cur), scale=tuple(float(v) for v in a), offset=tuple(float(v) for v in b),
-                       spacing=tuple(float(s * v) for s, v in zip(spacing, a)))
         if x is None:
-            return None, grid
-        if tuple(x.shape) != tuple(self.size):  # pragma: no cover - the plan and the pairs functions disagree
-            raise RuntimeError(f"preprocessing produced {x.shape}, expected {self.size}")
-        lo, hi = self.intensity
-        return (x * (hi - lo) + lo).astype(np.float32), grid
+            return None, fit.grid
+        return to_range(fit.images[0], self.intensity), fit.grid
 
 
 def _phantom_spacing_3d(size: Sequence[int]) -> tuple[float, float, float]:
@@ -560,16 +462,6 @@ def _plane_axes(img, path: Path, dims: int, run_name: str, role: str) -> tuple[i
     return axes
 
 
-def _check_label_grid(label, image, label_path: Path, image_path: Path) -> None:
-    if label.GetDimension() != image.GetDimension() or label.GetSize() != image.GetSize():
-        raise ValueError(f"shape mismatch between image {image_path} (size {image.GetSize()}) and label "
-                         f"{label_path} (size {label.GetSize()})")
-    if not _same_grid(label, image, tol=1e-3):
-        raise ValueError(f"label {label_path} and image {image_path} have the same size but another position or "
-                         f"orientation in world space (origin {label.GetOrigin()} vs {image.GetOrigin()}, spacing "
-                         f"{label.GetSpacing()} vs {image.GetSpacing()}); give the label on its image's grid")
-
-
 def _index_coords(moving, fixed_shape: tuple[int, ...], world: np.ndarray) -> np.ndarray:
     """Continuous array indices of ``moving`` at world points ``world`` (``(n, N)``) -> ``(n, *fixed_shape)``."""
     om, lm = _geometry(moving)
@@ -671,8 +563,8 @@ def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLik
         out = Path(out)
         _check_out(out, inputs)
 
-    fimg = read_image(fixed)
-    mimg = read_image(moving)
+    fixed_file, moving_file = _read(fixed), _read(moving)
+    fimg, mimg = fixed_file.itk, moving_file.itk
     faxes = _plane_axes(fimg, fixed, dims, r.name, "fixed")
     _plane_axes(mimg, moving, dims, r.name, "moving")
     if mimg.GetDimension() != fimg.GetDimension():
@@ -680,11 +572,13 @@ def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLik
                          "give both images with the same number of dimensions")
     mlab = flab = None
     if moving_label is not None:
-        mlab = read_image(moving_label, "label")
-        _check_label_grid(mlab, mimg, moving_label, moving)
+        label_file = _read(moving_label, "label")
+        check_label_grid(moving_file, label_file)
+        mlab = label_file.itk
     if fixed_label is not None:
-        flab = read_image(fixed_label, "label")
-        _check_label_grid(flab, fimg, fixed_label, fixed)
+        label_file = _read(fixed_label, "label")
+        check_label_grid(fixed_file, label_file)
+        flab = label_file.itk
 
     n = fimg.GetDimension()
     shape = tuple(fimg.GetSize()[::-1])  # array order

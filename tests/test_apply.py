@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -463,6 +464,117 @@ def test_bad_inputs_name_the_file(run2d, pair2d, tmp_path, capsys):
     assert not (tmp_path / "reg").exists()
     rc = main(["register", "--run", str(run2d), "--moving", str(good_m), "--out", str(tmp_path / "reg")])
     assert rc == 2 and "--fixed" in capsys.readouterr().err
+
+
+def _cut(path: Path, keep: int | None) -> Path:
+    """Keep the first ``keep`` bytes of a file (at most half of it; ``None``: half), as an interrupted copy does."""
+    data = path.read_bytes()
+    path.write_bytes(data[: min(len(data) // 2, len(data) if keep is None else keep)])
+    return path
+
+
+@pytest.mark.parametrize("keep", [400, None])
+def test_truncated_nifti_is_refused_by_register_files_and_the_command(run2d, tmp_path, capsys, keep):
+    # SimpleITK alone reads a cut .nii.gz as a volume of mostly zeros; the reader refuses it
+    seq = make_sax_3d((6, 40, 36), n_frames=2, seed=5, spacing=(9.0, 1.6, 1.6))
+    inputs = _write_pair(tmp_path / "in", seq, seq.spacing, (0.0, 0.0, 0.0), np.eye(3), ".nii.gz")
+    model3d = (KnownField(3, _smooth_field(3, 0.0)), _config(3))
+    _cut(inputs["moving"], keep)
+    _cut(inputs["fixed_label"], keep)
+    before = _snapshot(tmp_path / "in")
+    with pytest.raises(ValueError, match=r"moving\.nii\.gz: unreadable NIfTI"):
+        register_files(model3d, inputs["moving"], inputs["fixed"], out=tmp_path / "reg")
+    with pytest.raises(ValueError, match=r"fixed_label\.nii\.gz: unreadable NIfTI"):
+        register_files(model3d, inputs["fixed"], inputs["fixed"], fixed_label=inputs["fixed_label"])
+    # the command: exit status 2, the file and the problem in the message, nothing written
+    seq2 = make_sax_2d((40, 36), n_frames=2, seed=6)
+    pair = _write_pair(tmp_path / "in2d", seq2, seq2.spacing, (0.0, 0.0), np.eye(2), ".nii.gz")
+    _cut(pair["fixed"], keep)
+    rc = main(["register", "--run", str(run2d), "--moving", str(pair["moving"]), "--fixed", str(pair["fixed"]),
+               "--out", str(tmp_path / "reg2d"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fixed.nii.gz: unreadable NIfTI" in err, err
+    assert not (tmp_path / "reg").exists() and not (tmp_path / "reg2d").exists()
+    assert _snapshot(tmp_path / "in") == before
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".mha"])
+def test_nan_image_is_refused_by_register_files_and_the_command(run2d, tmp_path, capsys, ext):
+    # SimpleITK's NIfTI reader turns NaN into 0; the reader reads the voxels with nibabel and refuses them
+    seq = make_sax_2d((40, 36), n_frames=2, seed=7)
+    pair = _write_pair(tmp_path / "in", seq, seq.spacing, (0.0, 0.0), np.eye(2), ext)
+    arr = (seq.frames[seq.es] * 800).astype(np.float32)
+    arr[10, 11] = np.nan
+    nan = _write(tmp_path / "in", f"nan{ext}", _image(arr, seq.spacing, (0.0, 0.0), np.eye(2)))
+    before = _snapshot(tmp_path / "in")
+    with pytest.raises(ValueError, match=rf"nan{re.escape(ext)}: image has 1 NaN and 0 Inf voxels"):
+        register_files(run2d, nan, pair["fixed"], device="cpu")
+    rc = main(["register", "--run", str(run2d), "--moving", str(nan), "--fixed", str(pair["fixed"]),
+               "--out", str(tmp_path / "reg"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"nan{ext}: image has 1 NaN" in err, err
+    assert not (tmp_path / "reg").exists()
+    assert _snapshot(tmp_path / "in") == before
+
+
+@pytest.mark.parametrize("change, what", [("origin", "origin"), ("spacing", "spacing"), ("direction", "direction"),
+                                          ("size", "shape mismatch")])
+def test_label_off_its_image_grid_is_refused(tmp_path, change, what):
+    seq = make_sax_3d((6, 40, 36), n_frames=2, seed=8, spacing=(9.0, 1.6, 1.6))
+    inputs = _write_pair(tmp_path / "in", seq, seq.spacing, (-5.0, 3.0, 1.0), OBLIQUE_3D, ".nii.gz")
+    lab = seq.labels[seq.ed].astype(np.uint8)
+    spacing, origin, direction = seq.spacing, (-5.0, 3.0, 1.0), OBLIQUE_3D
+    if change == "origin":
+        origin = (-5.0, 7.0, 1.0)
+    elif change == "spacing":
+        spacing = (9.0, 1.6, 2.0)
+    elif change == "direction":
+        direction = np.eye(3)
+    else:
+        lab = lab[:, :-3]
+    bad = _write(tmp_path / "in", "off_grid_label.nii.gz", _image(lab, spacing, origin, direction))
+    model3d = (KnownField(3, _smooth_field(3, 0.0)), _config(3))
+    before = _snapshot(tmp_path / "in")
+    match = (r"shape mismatch between image .*fixed\.nii\.gz .* and label .*off_grid_label\.nii\.gz"
+             if what == "shape mismatch" else
+             rf"label .*off_grid_label\.nii\.gz does not lie on the grid of its image .*fixed\.nii\.gz: {what}")
+    with pytest.raises(ValueError, match=match):
+        register_files(model3d, inputs["moving"], inputs["fixed"], fixed_label=bad, out=tmp_path / "reg")
+    assert not (tmp_path / "reg").exists() and _snapshot(tmp_path / "in") == before
+
+
+@pytest.mark.parametrize("layout", ["acdc", "camus"])
+def test_dataset_and_register_files_preprocess_a_file_identically(tmp_path, layout):
+    """A training item of the dataset and the same two files through register_files' preprocessing are equal."""
+    from diffreg.data import ACDCPairs, CAMUSPairs, write_acdc, write_camus
+
+    seen = {}
+
+    def record(moving, fixed):
+        seen.update(moving=moving.clone(), fixed=fixed.clone())
+        return torch.zeros((1, moving.ndim - 2, *moving.shape[2:]))
+
+    if layout == "acdc":
+        root = write_acdc(tmp_path / "acdc", n_patients=1, size=(6, 44, 40), n_frames=4)
+        cfg = _config(3)
+        data = ACDCPairs(root, dims=3, split="all", profile="quick", size=cfg.data.size,
+                         intensity=tuple(cfg.data.intensity))
+        folder, stem = root / "patient001", "patient001_frame"
+        ed, es = sorted(p for p in folder.glob(f"{stem}??.nii.gz"))
+        moving, fixed, spec = es, ed, "acdc:" + str(root)  # ACDC: ES -> ED
+    else:
+        root = write_camus(tmp_path / "camus", n_patients=1, size=(48, 40), n_frames=4, half_sequence=False)
+        cfg = get_config("ldm-morph", "quick", 2)
+        cfg.data.size = SIZE_2D
+        data = CAMUSPairs(root, split="all", size=SIZE_2D, intensity=tuple(cfg.data.intensity))
+        folder = root / "patient0001"
+        moving, fixed, spec = folder / "patient0001_2CH_ED.nii.gz", folder / "patient0001_2CH_ES.nii.gz", "camus:x"
+    before = _snapshot(root)
+    item = data[0]
+    res = register_files((KnownField(cfg.data.dims, record), cfg, spec), moving, fixed)
+    assert torch.equal(seen["moving"][0], item["moving"]) and torch.equal(seen["fixed"][0], item["fixed"])
+    assert res.metrics["network_grid"]["spacing_mm"] == pytest.approx(item["spacing"].tolist(), rel=1e-6)
+    assert _snapshot(root) == before
 
 
 def test_register_files_is_exported_lazily():

@@ -1,7 +1,9 @@
 """Data: synthetic cardiac phantoms with true motion, ACDC and CAMUS loaders, ED/ES pair datasets.
 
 Explained in chapter 01 (phantoms, pairs) and ``book/reproducing.md`` (real data). Real datasets are never
-downloaded and never written to: point ``DIFFREG_DATA`` (or :func:`open_dataset`) at a copy you obtained.
+downloaded and never written to: point ``DIFFREG_DATA`` (or :func:`open_dataset`) at a copy you obtained. Image
+and mask files are read by :func:`diffreg.data.io.read_image_file` and preprocessed by :mod:`diffreg.data.preprocess`,
+both shared with :func:`diffreg.apply.register_files`.
 
 ``DIFFREG_DATA`` / ``spec`` strings:
 

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from diffreg.data.io import check_image, check_label, check_same_shape, load_h5, load_nifti, read_cfg
+from diffreg.data.io import (
+    check_image,
+    check_label,
+    check_label_grid,
+    check_same_shape,
+    load_h5,
+    read_cfg,
+    read_image_file,
+)
 
 __all__ = ["ACDCPatient", "find_acdc", "load_acdc_frame", "H5_SPACING", "ACDC_LABEL_VALUES"]
 
@@ -149,30 +157,31 @@ def load_acdc_frame(patient: ACDCPatient, which: str,
     Returns:
         ``(image float32 (Z, Y, X), label uint8 (Z, Y, X), spacing (z, y, x) mm)``.
 
+    NIfTI files are read with :func:`diffreg.data.io.read_image_file` (a mask must lie on its image's grid,
+    :func:`diffreg.data.io.check_label_grid`); a 4th axis of length 1 is dropped.
+
     Raises:
-        ValueError: unreadable file, NaN/Inf voxels, labels outside {0, 1, 2, 3}, image/mask shape mismatch,
-            not a 3D volume.
+        ValueError: unreadable or truncated file, NaN/Inf voxels, a constant image, labels outside {0, 1, 2, 3}, a
+            mask whose shape, spacing, origin or direction differs from its image's, not a 3D volume.
     """
     if which not in ("ed", "es"):
         raise ValueError(f"which must be 'ed' or 'es', got {which!r}.")
     img_path = getattr(patient, f"{which}_image")
     if patient.layout == "h5":
         data = load_h5(img_path, ("image", "label"))
-        img, lab, lab_path = data["image"], data["label"], img_path
-        spacing = tuple(float(s) for s in h5_spacing)
-    else:
-        lab_path = getattr(patient, f"{which}_label")
-        img, sp, _ = load_nifti(img_path)
-        lab, _, _ = load_nifti(lab_path)
-        if img.ndim == 4 and img.shape[-1] == 1:
-            img = img[..., 0]
-        if lab.ndim == 4 and lab.shape[-1] == 1:
-            lab = lab[..., 0]
-        img, lab = img.transpose(2, 1, 0) if img.ndim == 3 else img, lab.transpose(2, 1, 0) if lab.ndim == 3 else lab
-        spacing = tuple(float(s) for s in sp[:3][::-1])
+        img, lab = data["image"], data["label"]
+        if img.ndim != 3:
+            raise ValueError(f"{img_path}: expected a 3D volume, got shape {img.shape}")
+        check_same_shape(img, lab, img_path, img_path)
+        img = check_image(img, img_path)
+        lab = check_label(lab, img_path, ACDC_LABEL_VALUES)
+        return np.ascontiguousarray(img), np.ascontiguousarray(lab), tuple(float(s) for s in h5_spacing)
+    image = read_image_file(img_path, "image")
+    label = read_image_file(getattr(patient, f"{which}_label"), "label", ACDC_LABEL_VALUES)
+    check_label_grid(image, label)
+    img, lab, spacing = image.array, label.array, image.spacing
+    if img.ndim == 4 and img.shape[0] == 1:  # NIfTI (X, Y, Z, 1): array order (1, Z, Y, X)
+        img, lab, spacing = img[0], lab[0], spacing[1:]
     if img.ndim != 3:
         raise ValueError(f"{img_path}: expected a 3D volume, got shape {img.shape}")
-    check_same_shape(img, lab, img_path, lab_path)
-    img = check_image(img, img_path)
-    lab = check_label(lab, lab_path, ACDC_LABEL_VALUES)
-    return np.ascontiguousarray(img), np.ascontiguousarray(lab), spacing
+    return img, lab, spacing

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from diffreg.data.acdc import _patient_dirs
-from diffreg.data.io import check_image, check_label, check_same_shape, load_image
+from diffreg.data.io import check_label_grid, read_image_file
 
 __all__ = ["CAMUSView", "find_camus", "load_camus_frame", "CAMUS_LABEL_VALUES", "VIEWS"]
 
@@ -77,19 +77,19 @@ def find_camus(root: str | Path, views: tuple[str, ...] = ("2CH",)) -> list[CAMU
 def load_camus_frame(entry: CAMUSView, which: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """Read and check one frame: ``(image float32 (H, W), label uint8 (H, W), spacing (dy, dx) mm)``.
 
+    Both files are read with :func:`diffreg.data.io.read_image_file`; the mask must lie on its image's grid
+    (:func:`diffreg.data.io.check_label_grid`); singleton axes are dropped.
+
     Raises:
-        ValueError: unreadable file, not 2D, NaN/Inf voxels, labels outside {0, 1, 2, 3}, image/mask shape mismatch.
+        ValueError: unreadable or truncated file, not 2D, NaN/Inf voxels, a constant image, labels outside
+            {0, 1, 2, 3}, a mask whose shape, spacing, origin or direction differs from its image's.
     """
     if which not in ("ed", "es"):
         raise ValueError(f"which must be 'ed' or 'es', got {which!r}.")
-    img_path, lab_path = getattr(entry, f"{which}_image"), getattr(entry, f"{which}_label")
-    img, spacing = load_image(img_path)
-    lab, _ = load_image(lab_path)
-    img, lab = np.squeeze(img), np.squeeze(lab)  # some files carry a singleton axis
+    image = read_image_file(getattr(entry, f"{which}_image"), "image")
+    label = read_image_file(getattr(entry, f"{which}_label"), "label", CAMUS_LABEL_VALUES)
+    check_label_grid(image, label)
+    img, lab = np.squeeze(image.array), np.squeeze(label.array)  # some files carry a singleton axis
     if img.ndim != 2:
-        raise ValueError(f"{img_path}: expected a 2D image, got shape {img.shape}")
-    check_same_shape(img, lab, img_path, lab_path)
-    img = check_image(img, img_path)
-    lab = check_label(lab, lab_path, CAMUS_LABEL_VALUES)
-    sp = tuple(float(s) for s in spacing)[-2:]
-    return np.ascontiguousarray(img), np.ascontiguousarray(lab), sp
+        raise ValueError(f"{image.path}: expected a 2D image, got shape {img.shape}")
+    return np.ascontiguousarray(img), np.ascontiguousarray(lab), image.spacing[-2:]

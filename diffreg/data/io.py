@@ -2,6 +2,10 @@
 
 Explained in chapter 01 (data) and ``book/reproducing.md`` (real data). Nothing here ever writes.
 
+* :func:`read_image_file` -- **the** checked reader of an image or label file (NIfTI or MetaImage): voxels in array
+  order, the grid (spacing, origin, direction) and content checks; the datasets (:mod:`diffreg.data.acdc`,
+  :mod:`diffreg.data.camus`) and :func:`diffreg.apply.register_files` read every image and label through it, and
+  :func:`check_label_grid` checks that a label map lies on its image's grid;
 * :func:`load_nifti` -- NIfTI (``.nii``/``.nii.gz``) with nibabel, in the file's own axis order ``(X, Y, Z[, T])``;
 * :func:`load_mhd` -- MetaImage (``.mhd`` + ``.raw``, the older CAMUS release) with SimpleITK when installed, else
   with a small built-in reader; array order ``(..., Y, X)``;
@@ -13,20 +17,31 @@ Explained in chapter 01 (data) and ``book/reproducing.md`` (real data). Nothing 
 Errors raised by all functions:
 
 * ``FileNotFoundError`` -- a file does not exist (the message names it);
-* ``ValueError`` -- a file is unreadable or corrupt, a key is missing, voxels are NaN/Inf, an image is constant
-  (e.g. all zeros), labels are outside the expected set or not integers, or an image and its mask differ in shape
-  (the message names the file(s)).
+* ``ValueError`` -- a file is unreadable, corrupt or truncated, a key is missing, voxels are NaN/Inf, an image is
+  constant (e.g. all zeros), labels are outside the expected set or not integers, or an image and its mask differ
+  in shape, spacing, origin or direction (the message names the file(s)).
+
+NIfTI voxels are always read with nibabel, also where SimpleITK supplies the world geometry: SimpleITK's NIfTI reader
+replaces NaN/Inf voxels by 0 and fills the missing part of a truncated file with zeros without an error, so a damaged
+file would otherwise pass as a valid image.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "ImageFile",
+    "read_image_file",
+    "check_label_grid",
+    "image_suffix",
+    "IMAGE_SUFFIXES",
     "load_nifti",
     "load_mhd",
     "load_image",
@@ -38,6 +53,9 @@ __all__ = [
 ]
 
 PathLike = str | Path
+#: File name endings :func:`read_image_file` reads (NIfTI and MetaImage).
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha")
+_KIND = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".mhd": "MetaImage", ".mha": "MetaImage"}
 
 
 def _existing(path: PathLike, what: str = "file") -> Path:
@@ -103,8 +121,12 @@ _MET_TYPES = {
 }
 
 
-def _read_mhd_builtin(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Minimal MetaImage reader: one local raw data file, optionally zlib-compressed, no multi-component pixels."""
+def _read_mhd_builtin(path: Path) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """Minimal MetaImage reader: one local raw data file, optionally zlib-compressed, no multi-component pixels.
+
+    Returns ``(array, spacing, origin, direction)``: array and spacing in array order, origin (``Offset``) and
+    direction (``TransformMatrix``, whose rows are the direction's columns, as ITK reads it) in ITK order.
+    """
     header: dict[str, str] = {}
     try:
         text = path.read_bytes().decode("latin-1")
@@ -121,8 +143,15 @@ def _read_mhd_builtin(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
         dims = [int(v) for v in header["DimSize"].split()]
         text_spacing = header.get("ElementSpacing", header.get("ElementSize", ""))
         spacing = [float(v) for v in text_spacing.split()] or [1.0] * len(dims)
+        nd = len(dims)
+        text_origin = next((header[k] for k in ("Offset", "Origin", "Position") if k in header), "")
+        origin = [float(v) for v in text_origin.split()] or [0.0] * nd
+        text_matrix = next((header[k] for k in ("TransformMatrix", "Rotation", "Orientation") if k in header), "")
+        matrix = [float(v) for v in text_matrix.split()] or np.eye(nd).ravel().tolist()
+        if len(origin) != nd or len(matrix) != nd * nd:
+            raise ValueError(f"{len(origin)} origin and {len(matrix)} matrix values for {nd} dimensions")
     except ValueError as e:
-        raise ValueError(f"{path}: bad DimSize/ElementSpacing in MetaImage header ({e})") from e
+        raise ValueError(f"{path}: bad DimSize/ElementSpacing/Offset/TransformMatrix in MetaImage header ({e})") from e
     if header["ElementType"] not in _MET_TYPES:
         raise ValueError(f"{path}: unsupported MetaImage ElementType {header['ElementType']}")
     if int(header.get("ElementNumberOfChannels", "1")) != 1:
@@ -146,7 +175,8 @@ def _read_mhd_builtin(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
         raise ValueError(f"{raw}: expected {n * dtype.itemsize} bytes for DimSize {dims} of "
                          f"{header['ElementType']}, found {len(blob)}")
     arr = np.frombuffer(blob, dtype=dtype).reshape(dims[::-1]).astype(np.float32)
-    return arr, tuple(spacing[: len(dims)][::-1])
+    direction = tuple(float(v) for v in np.asarray(matrix, np.float64).reshape(nd, nd).T.ravel())
+    return arr, tuple(spacing[: len(dims)][::-1]), tuple(origin), direction
 
 
 def load_mhd(path: PathLike, backend: str | None = None) -> tuple[np.ndarray, tuple[float, ...], None]:
@@ -165,14 +195,9 @@ def load_mhd(path: PathLike, backend: str | None = None) -> tuple[np.ndarray, tu
     """
     path = _existing(path, "MetaImage file")
     if backend is None:
-        try:
-            import SimpleITK  # noqa: F401
-
-            backend = "sitk"
-        except ImportError:
-            backend = "builtin"
+        backend = "sitk" if _have_sitk() else "builtin"
     if backend == "builtin":
-        arr, spacing = _read_mhd_builtin(path)
+        arr, spacing, _, _ = _read_mhd_builtin(path)
         return arr, spacing, None
     if backend != "sitk":
         raise ValueError(f"backend must be 'sitk', 'builtin' or None, got {backend!r}.")
@@ -191,7 +216,8 @@ def load_mhd(path: PathLike, backend: str | None = None) -> tuple[np.ndarray, tu
 
 
 def load_image(path: PathLike) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read a NIfTI or MetaImage file in array order (``(Y, X)``, ``(Z, Y, X)``; a time axis comes first).
+    """Read a NIfTI or MetaImage file in array order (``(Y, X)``, ``(Z, Y, X)``; a time axis comes first), without
+    content checks (:func:`read_image_file` reads and checks).
 
     NIfTI ``(X, Y[, Z][, T])`` is transposed to ``([T,] [Z,] Y, X)``. Returns ``(array float32, spacing)`` with the
     spacing in the same order.
@@ -201,9 +227,180 @@ def load_image(path: PathLike) -> tuple[np.ndarray, tuple[float, ...]]:
         arr, spacing, _ = load_mhd(path)
         return arr, spacing
     if name.endswith((".nii", ".nii.gz")):
-        arr, spacing, _ = load_nifti(path)
-        return np.ascontiguousarray(arr.transpose(tuple(range(arr.ndim))[::-1])), tuple(spacing[::-1])
+        arr, spacing, _, _, _ = _read_voxels(_existing(path, "NIfTI file"), image_suffix(path), itk=False)
+        return arr, spacing
     raise ValueError(f"{path}: unknown image format (expected .nii, .nii.gz or .mhd)")
+
+
+def image_suffix(path: PathLike) -> str:
+    """The format ending of an image file name (one of :data:`IMAGE_SUFFIXES`, lower case).
+
+    Raises:
+        ValueError: another ending (the message names the file and the endings read).
+    """
+    name = Path(path).name.lower()
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"{path}: unknown image format (expected {', '.join(IMAGE_SUFFIXES)})")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image or label file read and checked by :func:`read_image_file` (chapter 01; ``book/reproducing.md``).
+
+    Attributes:
+        path: the file.
+        array: the voxels in array order (``(Y, X)``, ``(Z, Y, X)``; a 4th NIfTI axis comes first): float32 for an
+            image; for a label map uint8 (a label set was given) or int64.
+        spacing: voxel size per array axis, mm (a 4th axis: its step), array order.
+        origin: world position of the first voxel, mm, ITK order ``(x, y[, z])``, LPS frame.
+        direction: direction cosines, ``n x n`` row-major in ITK order (``n = len(origin)``), LPS frame.
+        itk: the ``SimpleITK.Image`` of the file (``read_image_file(..., itk=True)``), else ``None``.
+    """
+
+    path: Path
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    itk: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The array's shape (array order)."""
+        return tuple(self.array.shape)
+
+
+def _sitk_read(path: Path, suffix: str):
+    """``SimpleITK.ReadImage`` with errors that name the file; a scalar image only."""
+    try:
+        import SimpleITK as sitk
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs SimpleITK: pip install SimpleITK") from e
+    if suffix == ".mhd":
+        check_mhd_data_file(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except Exception as e:  # SimpleITK raises RuntimeError with a long ITK trace: keep its last line
+        first = " ".join(str(e).strip().splitlines()[-1:]).strip()[:300]
+        raise ValueError(f"{path}: unreadable {_KIND[suffix]} file ({type(e).__name__}: {first}); the file may be "
+                         "damaged or truncated") from e
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path}: has {img.GetNumberOfComponentsPerPixel()} components per voxel (a vector or "
+                         "colour image); give a scalar image")
+    return img
+
+
+def _nifti_geometry(affine: np.ndarray, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(origin, direction)`` of a NIfTI affine (RAS) in ITK's LPS convention, first ``n`` axes."""
+    flip = np.array([-1.0, -1.0, 1.0])
+    m = np.asarray(affine, np.float64)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    direction = flip[:, None] * m / np.where(norms > 0, norms, 1.0)[None]
+    origin = flip * np.asarray(affine, np.float64)[:3, 3]
+    return tuple(float(v) + 0.0 for v in origin[:n]), tuple(float(v) + 0.0 for v in direction[:n, :n].ravel())
+
+
+def _read_voxels(path: Path, suffix: str, itk: bool):
+    """``(array, spacing, origin, direction, itk_image)`` of a file, unchecked (array and spacing in array order)."""
+    if suffix in (".nii", ".nii.gz"):
+        arr, zooms, affine = load_nifti(path)
+        arr = np.ascontiguousarray(arr.transpose(tuple(range(arr.ndim))[::-1]))
+        spacing = tuple(zooms[::-1])
+        origin, direction = _nifti_geometry(affine, min(arr.ndim, 3))
+        if not itk:
+            return arr, spacing, origin, direction, None
+        # the world geometry as ITK reads it; the voxels stay nibabel's, since SimpleITK's NIfTI reader replaces
+        # NaN/Inf by 0 and reads a truncated file as zeros without an error
+        img = _sitk_read(path, suffix)
+        shape = tuple(img.GetSize()[::-1])
+        if arr.size != int(np.prod(shape)) or [s for s in arr.shape if s > 1] != [s for s in shape if s > 1]:
+            raise ValueError(f"{path}: nibabel reads shape {arr.shape} but SimpleITK {shape}: damaged header?")
+        arr = arr.reshape(shape)
+    elif itk or suffix == ".mha" or _have_sitk():
+        img = _sitk_read(path, suffix)
+        import SimpleITK as sitk
+
+        arr = sitk.GetArrayFromImage(img)
+    else:
+        arr, spacing, origin, direction = _read_mhd_builtin(path)
+        return arr, spacing, origin, direction, None
+    return (arr, tuple(float(s) for s in img.GetSpacing())[::-1], tuple(float(v) for v in img.GetOrigin()),
+            tuple(float(v) for v in img.GetDirection()), img)
+
+
+def _have_sitk() -> bool:
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_image_file(path: PathLike, role: str = "image", labels: Iterable[int] | None = None,
+                    itk: bool = False) -> ImageFile:
+    """Read and check an image or label file: the one reader of the datasets and of
+    :func:`diffreg.apply.register_files` (chapter 01; ``book/reproducing.md``). Nothing is written.
+
+    NIfTI voxels are read with nibabel (which refuses a truncated file and keeps NaN), MetaImage with SimpleITK when
+    installed, else with the built-in reader (``.mhd`` + raw only). ``itk=True`` also reads the file with SimpleITK
+    for its world geometry (then ``spacing``, ``origin`` and ``direction`` are SimpleITK's and ``array`` has its
+    shape); without it a NIfTI file's geometry comes from its affine (nibabel), converted to ITK's LPS frame.
+
+    Args:
+        path: ``.nii``, ``.nii.gz``, ``.mhd`` (+ its raw data file) or ``.mha``.
+        role: ``"image"`` (non-empty, finite, not constant; float32) or ``"label"`` (integers from ``labels``,
+            uint8; ``labels=None``: any non-negative integers, int64).
+        labels: the label values allowed (``role="label"``).
+        itk: also read with SimpleITK and keep the ``SimpleITK.Image`` (:attr:`ImageFile.itk`).
+
+    Returns:
+        An :class:`ImageFile`.
+
+    Raises:
+        FileNotFoundError: the file (or a MetaImage's raw data file) does not exist.
+        ValueError: unknown ending; unreadable, corrupt or truncated file; a vector image; NaN/Inf voxels or a
+            constant image; labels that are not integers, negative or outside ``labels`` (the message names the
+            file and the problem).
+    """
+    if role not in ("image", "label"):
+        raise ValueError(f"role must be 'image' or 'label', got {role!r}.")
+    path = Path(path)
+    suffix = image_suffix(path)
+    path = _existing(path, f"{role} file")
+    arr, spacing, origin, direction, img = _read_voxels(path, suffix, itk)
+    if role == "image":
+        arr = check_image(arr, path)
+    else:
+        arr = check_label(arr, path, labels)
+    return ImageFile(path, np.ascontiguousarray(arr), tuple(float(s) for s in spacing), origin, direction, img)
+
+
+def check_label_grid(image: ImageFile, label: ImageFile, tol: float = 1e-3) -> None:
+    """Check that a label map lies on its image's grid: same shape, and spacing, origin and direction equal up to
+    ``tol`` (relative for the spacing, times the smallest spacing for the origin, absolute for the direction).
+
+    Raises:
+        ValueError: a different shape, spacing, origin or direction (names both files and the values).
+    """
+    if image.shape != label.shape:
+        raise ValueError(f"shape mismatch between image {image.path} {image.shape} and label {label.path} "
+                         f"{label.shape} (array order)")
+    sp = np.asarray(image.spacing, np.float64)
+    checks = (
+        ("spacing", image.spacing, label.spacing, dict(rtol=tol, atol=0.0), "mm, array order"),
+        ("origin", image.origin, label.origin, dict(rtol=0.0, atol=tol * float(np.abs(sp).min())), "mm, ITK LPS"),
+        ("direction", image.direction, label.direction, dict(rtol=0.0, atol=tol), "ITK LPS"),
+    )
+    for name, a, b, kw, unit in checks:
+        if len(a) != len(b) or not np.allclose(a, b, **kw):
+            raise ValueError(f"label {label.path} does not lie on the grid of its image {image.path}: {name} "
+                             f"{_fmt(b)} vs {_fmt(a)} ({unit}); give the label on its image's grid")
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
 
 
 def load_h5(path: PathLike, keys: Sequence[str] = ("image", "label")) -> dict[str, np.ndarray]:
@@ -294,14 +491,16 @@ def check_image(arr: np.ndarray, path: PathLike) -> np.ndarray:
     return arr
 
 
-def check_label(arr: np.ndarray, path: PathLike, allowed: Iterable[int] = (0, 1, 2, 3)) -> np.ndarray:
-    """Return ``arr`` as uint8 after checking it holds integers from ``allowed`` only.
+def check_label(arr: np.ndarray, path: PathLike, allowed: Iterable[int] | None = (0, 1, 2, 3)) -> np.ndarray:
+    """Return ``arr`` as uint8 after checking it holds integers from ``allowed`` only (``allowed=None``: any
+    non-negative integers, returned as int64).
 
     Raises:
-        ValueError: NaN/Inf or non-integer values, or values outside ``allowed`` (names the file and the values).
+        ValueError: NaN/Inf or non-integer values, negative values, or values outside ``allowed`` (names the file
+            and the values).
     """
     arr = np.asarray(arr)
-    allowed = sorted(int(a) for a in allowed)
+    expected = "non-negative integer labels" if allowed is None else f"integer labels {sorted(int(a) for a in allowed)}"
     if arr.size == 0:
         raise ValueError(f"{path}: empty label map (shape {arr.shape})")
     if arr.dtype.kind == "f":
@@ -310,9 +509,15 @@ def check_label(arr: np.ndarray, path: PathLike, allowed: Iterable[int] = (0, 1,
         frac = arr != np.round(arr)
         if frac.any():
             raise ValueError(f"{path}: label map has {int(frac.sum())} non-integer values "
-                             f"(e.g. {float(arr[frac].flat[0]):g}); expected integer labels {allowed}")
+                             f"(e.g. {float(arr[frac].flat[0]):g}); expected {expected}")
     elif arr.dtype.kind not in "iub":
         raise ValueError(f"{path}: label map has non-numeric dtype {arr.dtype}")
+    if allowed is None:
+        low = arr.min()
+        if low < 0:
+            raise ValueError(f"{path}: label map has negative values (min {float(low):g}); expected {expected}")
+        return arr.astype(np.int64)
+    allowed = sorted(int(a) for a in allowed)
     values = np.unique(arr)
     extra = [v for v in values.tolist() if int(v) not in allowed]
     if extra:

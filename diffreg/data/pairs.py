@@ -43,7 +43,9 @@ Intensities are first clipped at the 99.5th percentile (``clip_percentile``) and
 volume, then mapped linearly to ``intensity`` (MONAI ``ScaleIntensity`` semantics). Resampling uses linear
 interpolation (with anti-aliasing when shrinking 2D slices); labels are resampled by interpolating their one-hot
 maps and taking the arg-max (nearest-like, without aliasing). Crop/pad is centred like MONAI
-``ResizeWithPadOrCrop``. Preprocessed arrays are cached in memory only: nothing is ever written to the data folder.
+``ResizeWithPadOrCrop``. The steps are the functions of :mod:`diffreg.data.preprocess`, which
+:func:`diffreg.apply.register_files` calls too; files are read with :func:`diffreg.data.io.read_image_file`.
+Preprocessed arrays are cached in memory only: nothing is ever written to the data folder.
 """
 
 from __future__ import annotations
@@ -55,12 +57,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from diffreg.data import acdc as _acdc
 from diffreg.data import camus as _camus
 from diffreg.data.phantom import ACDC_LABELS, CAMUS_LABELS, _subject_seed, make_phantom
+from diffreg.data.preprocess import (  # noqa: F401  (resize, resample, pad_or_crop: also importable from here)
+    fit_resize,
+    fit_square,
+    fit_volume,
+    normalize_intensity,
+    pad_or_crop,
+    resample,
+    resize,
+    square_box,
+    to_range,
+)
 
 __all__ = [
     "PairDataset",
@@ -68,10 +80,6 @@ __all__ = [
     "ACDCPairs",
     "CAMUSPairs",
     "split_indices",
-    "normalize_intensity",
-    "resize",
-    "resample",
-    "pad_or_crop",
     "SPLITS",
     "DIRECTIONS",
     "SPLIT_SCHEMES",
@@ -156,95 +164,6 @@ def _train_val_indices(n: int, split: str, f_val: float = 0.1) -> list[int]:
     if split == "val":
         return val
     return [i for i in range(n) if i not in set(val)]
-
-
-def normalize_intensity(arr: np.ndarray, clip_percentile: float | None = 99.5) -> np.ndarray:
-    """Clip at the ``clip_percentile``-th percentile (upper) and min-max scale to [0, 1] (float32)."""
-    arr = np.asarray(arr, dtype=np.float32)
-    if clip_percentile is not None:
-        arr = np.minimum(arr, np.percentile(arr, clip_percentile))
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi - lo < 1e-8:
-        return np.zeros_like(arr)
-    return ((arr - lo) / (hi - lo)).astype(np.float32)
-
-
-def _to_range(arr: np.ndarray, intensity: tuple[float, float]) -> np.ndarray:
-    lo, hi = intensity
-    return (arr * (hi - lo) + lo).astype(np.float32)
-
-
-def resize(arr: np.ndarray, shape: Sequence[int], label: bool = False) -> np.ndarray:
-    """Resize a 2D or 3D array to ``shape`` (linear; anti-aliased when shrinking in 2D).
-
-    Labels (``label=True``) are resized through their one-hot maps and an arg-max; returns uint8 for labels,
-    float32 for images.
-    """
-    shape = tuple(int(s) for s in shape)
-    if tuple(arr.shape) == shape:
-        return arr.astype(np.uint8 if label else np.float32, copy=True)
-    nd = arr.ndim
-    mode = "bilinear" if nd == 2 else "trilinear"
-    antialias = nd == 2 and any(s < a for s, a in zip(shape, arr.shape))
-    if label:
-        lab = torch.from_numpy(np.asarray(arr, dtype=np.int64))
-        k = int(lab.max()) + 1
-        onehot = F.one_hot(lab, max(k, 2)).movedim(-1, 0).float()[None]
-        out = F.interpolate(onehot, size=shape, mode=mode, align_corners=False, antialias=antialias)
-        return out[0].argmax(0).numpy().astype(np.uint8)
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
-    out = F.interpolate(t, size=shape, mode=mode, align_corners=False, antialias=antialias)
-    return out[0, 0].numpy()
-
-
-def resample(arr: np.ndarray, spacing: Sequence[float], target: Sequence[float],
-             label: bool = False) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Resample to voxel size ``target`` (mm, array order). Returns the array and its actual spacing
-    (``spacing * old_shape / new_shape``, equal to ``target`` up to rounding of the shape)."""
-    new = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(arr.shape, spacing, target))
-    actual = tuple(float(n * s / m) for n, s, m in zip(arr.shape, spacing, new))
-    return resize(arr, new, label=label), actual
-
-
-def pad_or_crop(arr: np.ndarray, shape: Sequence[int], value: float = 0.0) -> np.ndarray:
-    """Centre crop or pad to ``shape`` (MONAI ``ResizeWithPadOrCrop``: pad ``(d // 2, d - d // 2)``, crop from
-    ``n // 2 - s // 2``)."""
-    out = np.asarray(arr)
-    for ax, s in enumerate(shape):
-        n = out.shape[ax]
-        if n > s:
-            start = n // 2 - s // 2
-            out = np.take(out, np.arange(start, start + s), axis=ax)
-        elif n < s:
-            d = s - n
-            pad = [(0, 0)] * out.ndim
-            pad[ax] = (d // 2, d - d // 2)
-            out = np.pad(out, pad, constant_values=value)
-    return np.ascontiguousarray(out)
-
-
-def _square_box(mask2d: np.ndarray | None, shape: tuple[int, int], margin: float) -> tuple[int, int, int]:
-    """(row0, col0, side) of a square box: around ``mask2d``'s bounding box x ``margin``, else the whole image."""
-    if mask2d is None or not mask2d.any():
-        side = max(shape)
-        return (shape[0] - side) // 2, (shape[1] - side) // 2, side
-    rows, cols = np.nonzero(mask2d)
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    side = max(16, int(math.ceil(max(r1 - r0, c1 - c0) * margin)))
-    cy, cx = (r0 + r1) / 2, (c0 + c1) / 2
-    return int(round(cy - side / 2)), int(round(cx - side / 2)), side
-
-
-def _crop_box(arr: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
-    """Crop the last two axes to the square ``box``, zero-padding where it leaves the image."""
-    r0, c0, side = box
-    H, W = arr.shape[-2:]
-    out = np.zeros(arr.shape[:-2] + (side, side), dtype=arr.dtype)
-    rs, re_ = max(r0, 0), min(r0 + side, H)
-    cs, ce = max(c0, 0), min(c0 + side, W)
-    if rs < re_ and cs < ce:
-        out[..., rs - r0:re_ - r0, cs - c0:ce - c0] = arr[..., rs:re_, cs:ce]
-    return out
 
 
 def _check_choice(value: Any, valid: Sequence, name: str) -> None:
@@ -392,8 +311,8 @@ class PhantomPairs(PairDataset):
                 pair = seq.pair(a, b)
                 case = f"phantom{subj:03d}" if frames == "ed-es" else f"phantom{subj:03d}_t{t:02d}"
                 self._records.append({
-                    "moving": _to_range(pair["moving"], self.intensity),
-                    "fixed": _to_range(pair["fixed"], self.intensity),
+                    "moving": to_range(pair["moving"], self.intensity),
+                    "fixed": to_range(pair["fixed"], self.intensity),
                     "moving_label": pair["moving_label"],
                     "fixed_label": pair["fixed_label"],
                     "true_ddf": pair["true_ddf"],
@@ -579,12 +498,10 @@ class ACDCPairs(PairDataset):
         patient = self.patients[i]
         out = []
         for img, lab, sp in self._frames(patient):
-            img = normalize_intensity(img, self.clip_percentile)
-            img, actual = resample(img, sp, self.target_spacing)
-            lab, _ = resample(lab, sp, self.target_spacing, label=True)
-            img = _to_range(pad_or_crop(img, self.size, 0.0), self.intensity)
-            out.append((img, pad_or_crop(lab, self.size, 0)))
-        rec = {**self._orient(out[0], out[1]), "case": patient.pid, "spacing": actual}
+            fit = fit_volume(img.shape, sp, self.target_spacing, self.size,
+                             images=[normalize_intensity(img, self.clip_percentile)], labels=[lab])
+            out.append((to_range(fit.images[0], self.intensity), fit.labels[0]))
+        rec = {**self._orient(out[0], out[1]), "case": patient.pid, "spacing": fit.spacing}
         self._cache[i] = rec
         return rec
 
@@ -596,18 +513,14 @@ class ACDCPairs(PairDataset):
         fg_ed, fg_es = ed_lab.reshape(len(ed_lab), -1).any(1), es_lab.reshape(len(es_lab), -1).any(1)
         keep = {"foreground": fg_ed & fg_es, "any": fg_ed | fg_es, "all": np.ones_like(fg_ed)}[self.slice_filter]
         union = ((ed_lab > 0) | (es_lab > 0)).any(0) if self.roi == "heart" else None
-        box = _square_box(union, ed_lab.shape[1:], self.roi_margin)
-        side = box[2]
-        spacing2d = (sp[1] * side / self.inner[0], sp[2] * side / self.inner[1])
+        box = square_box(union, ed_lab.shape[1:], self.roi_margin)
         recs = []
         for z in np.nonzero(keep)[0]:
-            pair = []
-            for img, lab in ((ed_img[z], ed_lab[z]), (es_img[z], es_lab[z])):
-                img = pad_or_crop(resize(_crop_box(img, box), self.inner), self.size, 0.0)
-                lab = pad_or_crop(resize(_crop_box(lab, box), self.inner, label=True), self.size, 0)
-                pair.append((_to_range(img, self.intensity), lab))
+            fit = fit_square(ed_img.shape[1:], sp[1:], self.inner, self.size, images=[ed_img[z], es_img[z]],
+                             labels=[ed_lab[z], es_lab[z]], box=box)
+            pair = [(to_range(img, self.intensity), lab) for img, lab in zip(fit.images, fit.labels)]
             recs.append({**self._orient(pair[0], pair[1]), "case": f"{patient.pid}_z{int(z):02d}",
-                         "spacing": spacing2d})
+                         "spacing": fit.spacing})
         return recs
 
     def _load(self, i: int) -> dict[str, Any]:
@@ -682,12 +595,11 @@ class CAMUSPairs(PairDataset):
             frames = []
             for which in ("ed", "es"):
                 img, lab, sp = _camus.load_camus_frame(e, which)
-                shape = img.shape
-                img = _to_range(resize(normalize_intensity(img, clip_percentile), self.size), self.intensity)
-                frames.append((img, resize(lab, self.size, label=True)))
-            spacing = (sp[0] * shape[0] / self.size[0], sp[1] * shape[1] / self.size[1])
+                fit = fit_resize(img.shape, sp, self.size, images=[normalize_intensity(img, clip_percentile)],
+                                 labels=[lab])
+                frames.append((to_range(fit.images[0], self.intensity), fit.labels[0]))
             self._records.append({**self._orient(frames[0], frames[1]), "case": f"{e.pid}_{e.view}",
-                                  "spacing": spacing})
+                                  "spacing": fit.spacing})
 
     def _load(self, i: int) -> dict[str, Any]:
         return self._records[i]

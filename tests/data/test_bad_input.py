@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from diffreg.data import ACDCPairs, CAMUSPairs, PhantomPairs, open_dataset, write_acdc, write_acdc_h5, write_camus
-from diffreg.data.io import check_label, load_h5, load_mhd, load_nifti, read_cfg
+from diffreg.data.io import check_label, load_h5, load_mhd, load_nifti, read_cfg, read_image_file
 
 SIZE = (4, 24, 28)
 
@@ -259,3 +259,117 @@ def test_writers_refuse_a_file_as_root(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"file is an existing file"):
         write_acdc(tmp_path / "file", n_patients=1, size=SIZE, n_frames=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one checked reader (diffreg.data.io.read_image_file): truncated files, NaN voxels, masks off their image's grid
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _truncate(path: Path, keep: int | None = None) -> None:
+    """Keep the first ``keep`` bytes of a file (at most half of it; default: half), as an interrupted copy does."""
+    data = path.read_bytes()
+    path.write_bytes(data[: min(len(data) // 2, len(data) if keep is None else keep)])
+
+
+@pytest.mark.parametrize("keep", [400, None])
+def test_truncated_gzip_nifti_is_refused(tmp_path, acdc, camus, keep):
+    # a small real volume written with nibabel, then cut: its gzip stream ends early
+    f = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 800, (28, 24, 4)).astype(np.int16), np.eye(4)),
+             str(f))
+    _truncate(f, keep)
+    with pytest.raises(ValueError, match=r"volume\.nii\.gz: unreadable NIfTI"):
+        read_image_file(f)
+    # the same damage in a dataset, for an image and for a mask; the data folders are never written
+    _truncate(acdc / P / f"{P}_frame01.nii.gz", keep)
+    _truncate(camus / "patient0001" / "patient0001_2CH_ES_gt.nii.gz", keep)
+    before = {**_tree(acdc), **_tree(camus)}
+    with pytest.raises(ValueError, match=r"patient001_frame01\.nii\.gz: unreadable NIfTI"):
+        _load_all(acdc, dims=3)
+    with pytest.raises(ValueError, match=r"patient001_frame01\.nii\.gz: unreadable NIfTI"):
+        ACDCPairs(acdc, dims=2, split="all")
+    with pytest.raises(ValueError, match=r"patient0001_2CH_ES_gt\.nii\.gz: unreadable NIfTI"):
+        CAMUSPairs(camus, view="2CH", split="all")
+    assert {**_tree(acdc), **_tree(camus)} == before
+
+
+def test_nan_image_is_refused_in_every_layout(acdc, camus):
+    f = camus / "patient0001" / "patient0001_2CH_ED.nii.gz"
+    arr = np.asarray(nib.load(str(f)).dataobj).astype(np.float32)
+    arr[5, 7] = np.nan
+    _replace_nifti(f, arr)
+    with pytest.raises(ValueError, match=r"patient0001_2CH_ED\.nii\.gz: image has 1 NaN and 0 Inf voxels"):
+        CAMUSPairs(camus, view="2CH", split="all")
+    with pytest.raises(ValueError, match=r"patient0001_2CH_ED\.nii\.gz: image has 1 NaN"):
+        read_image_file(f)
+    img = acdc / P / f"{P}_frame01.nii.gz"
+    arr = np.asarray(nib.load(str(img)).dataobj).astype(np.float32)
+    arr[0, 0, 0] = np.nan
+    _replace_nifti(img, arr)
+    with pytest.raises(ValueError, match=r"patient001_frame01\.nii\.gz: image has 1 NaN"):
+        ACDCPairs(acdc, dims=2, split="all")
+
+
+def _moved_affine(path: Path, shift=(0.0, 0.0, 0.0), scale=(1.0, 1.0, 1.0)) -> None:
+    """Rewrite a NIfTI file with the same voxels, its origin shifted by ``shift`` mm and its voxel size scaled."""
+    ref = nib.load(str(path))
+    affine = ref.affine.copy()
+    affine[:3, :3] = affine[:3, :3] * np.asarray(scale)[None]
+    affine[:3, 3] += np.asarray(shift)
+    nib.save(nib.Nifti1Image(np.asarray(ref.dataobj), affine), str(path))
+
+
+@pytest.mark.parametrize("change, what", [(dict(shift=(0.0, 4.0, 0.0)), "origin"),
+                                          (dict(scale=(1.0, 1.0, 1.3)), "spacing")])
+def test_mask_off_its_image_grid_is_refused(acdc, camus, change, what):
+    _moved_affine(acdc / P / f"{P}_frame02_gt.nii.gz", **change)
+    match = rf"label .*patient001_frame02_gt\.nii\.gz does not lie on the grid of its image .*patient001_frame02" \
+            rf"\.nii\.gz: {what}"
+    with pytest.raises(ValueError, match=match):
+        _load_all(acdc, dims=3)
+    with pytest.raises(ValueError, match=match):
+        ACDCPairs(acdc, dims=2, split="all")
+    _moved_affine(camus / "patient0001" / "patient0001_2CH_ED_gt.nii.gz",
+                  shift=change.get("shift", (0.0, 0.0, 0.0))[::-1], scale=change.get("scale", (1.0, 1.0, 1.0))[::-1])
+    with pytest.raises(ValueError, match=rf"patient0001_2CH_ED_gt\.nii\.gz does not lie on the grid .*: {what}"):
+        CAMUSPairs(camus, view="2CH", split="all")
+
+
+def test_rotated_mask_is_refused(acdc):
+    gt = acdc / P / f"{P}_frame01_gt.nii.gz"
+    ref = nib.load(str(gt))
+    c, s = np.cos(0.2), np.sin(0.2)
+    affine = ref.affine.copy()
+    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ affine[:3, :3]
+    nib.save(nib.Nifti1Image(np.asarray(ref.dataobj), affine), str(gt))
+    with pytest.raises(ValueError, match=r"patient001_frame01_gt\.nii\.gz does not lie on the grid .*: direction"):
+        _load_all(acdc, dims=3)
+
+
+def test_reader_geometry_agrees_with_simpleitk(tmp_path, acdc):
+    sitk = pytest.importorskip("SimpleITK")
+    from diffreg.data.io import _read_mhd_builtin
+
+    img = sitk.GetImageFromArray(np.random.default_rng(0).random((5, 12, 10)).astype(np.float32))
+    img.SetSpacing((1.2, 1.7, 9.0))
+    img.SetOrigin((-50.0, 30.0, 12.0))
+    c, s = np.cos(0.4), np.sin(0.4)
+    img.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    files = [acdc / P / f"{P}_frame01.nii.gz"]
+    for name in ("oblique.nii.gz", "oblique.mhd"):
+        sitk.WriteImage(img, str(tmp_path / name))
+        files.append(tmp_path / name)
+    for f in files:
+        a, b = read_image_file(f), read_image_file(f, itk=True)
+        assert a.shape == b.shape and np.array_equal(a.array, b.array)
+        assert np.allclose(a.spacing, b.spacing) and np.allclose(a.origin, b.origin, atol=1e-4)
+        assert np.allclose(a.direction, b.direction, atol=1e-5)
+    arr, spacing, origin, direction = _read_mhd_builtin(tmp_path / "oblique.mhd")  # without SimpleITK
+    b = read_image_file(tmp_path / "oblique.mhd", itk=True)
+    assert np.array_equal(arr, b.array) and np.allclose(spacing, b.spacing)
+    assert np.allclose(origin, b.origin) and np.allclose(direction, b.direction)
