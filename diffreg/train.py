@@ -328,51 +328,22 @@ def fit(
 
     tcfg = config.train if isinstance(config, MethodConfig) else config
     _check_train_config(tcfg)
-    rank, local_rank, world = distributed_info()
+    val_every = _check_fit_options(tcfg, validation, val_every, val_pairs, max_seconds)
+    rank, _, world = distributed_info()
     distributed = world > 1
-    device = resolve_device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before NCCL initialisation, so each process talks from its own GPU
-    if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    device = _training_device(device)
     model.to(device)
-
     total = total_steps(tcfg, len(data), world)
     stop = min(total, max_steps) if max_steps is not None else total
-    if validation is not None:
-        val_every = int(val_every or tcfg.log_every)
-        if val_every < 1 or val_every % tcfg.log_every:
-            raise ValueError(f"val_every must be a positive multiple of log_every={tcfg.log_every}, got {val_every}")
-        if int(val_pairs) < 1 or len(validation) == 0:
-            raise ValueError(f"validation needs at least one pair (val_pairs={val_pairs}, {len(validation)} given)")
-    if max_seconds is not None and not max_seconds > 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
 
     out_dir = Path(out) if out is not None else None
     cfg_dict = config.to_dict() if isinstance(config, MethodConfig) else {"train": vars(tcfg)}
-    ckpt: dict[str, Any] | None = None
+    # before any work (a model's stages may take hours): refuse a file, or a run of another configuration
+    ckpt = _resumable_checkpoint(out_dir, cfg_dict) if out_dir is not None and resume else None
     if out_dir is not None:
-        # before any work (a model's prepare stage may take hours): refuse a file, or a run of another configuration
         check_run_dir(out_dir)
-        if resume and (out_dir / CHECKPOINT).is_file():
-            # on the CPU: RNG states must be CPU byte tensors; the optimizer moves its state to the parameters
-            ckpt = load_checkpoint(out_dir / CHECKPOINT, map_location="cpu")
-            _check_same_run(out_dir, ckpt, cfg_dict)
     seed_everything(tcfg.seed + rank)
-    # The networks a model trains before its main loop (a teacher, a frozen autoencoder): each a run of its own in
-    # a sub-folder of ``out``, so a resumed run restores them instead of training them again.
-    train_stages(model, data, out=out_dir, device=device, resume=resume, progress=progress and rank == 0,
-                 seed=tcfg.seed)
-    # Work that trains nothing (data statistics).
-    prepare = getattr(model, "prepare", None)
-    if callable(prepare):
-        import inspect
-
-        takes_seed = "seed" in inspect.signature(prepare).parameters   # a user's model may predate the argument
-        prepare(data, out=out_dir, device=device, progress=progress and rank == 0,
-                **({"seed": tcfg.seed} if takes_seed else {}))
+    _before_main_loop(model, data, out_dir, device, resume, progress and rank == 0, tcfg.seed)
 
     optimizer = make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tcfg, total))
@@ -380,54 +351,21 @@ def fit(
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.amp_dtype]
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    start = 0
-    resumed_log: dict[str, Any] = {}
-    resumed_rng: dict[str, Any] | None = None
-    if out_dir is not None:
-        if ckpt is not None:
-            try:
-                model.load_state_dict(ckpt["model"])
-            except RuntimeError as exc:  # e.g. fit() given a bare TrainConfig: no stored configuration to compare
-                raise ValueError(f"{out_dir} holds a {_describe(ckpt.get('config') or {})} run whose weights do not "
-                                 f"fit this {type(model).__name__}: start fresh in a new folder (--out NEW_FOLDER "
-                                 f"--no-resume, or fit(..., out=NEW_FOLDER, resume=False)) ({exc})") from exc
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if "scaler" in ckpt and ckpt["scaler"]:
-                scaler.load_state_dict(ckpt["scaler"])
-            start = int(ckpt["step"])
-            rng = ckpt["rng"]
-            if isinstance(rng, list):  # one state per DDP process
-                rng = rng[rank] if rank < len(rng) else rng[0]
-            resumed_rng = rng   # restored once the data loader has drawn its seed (below)
-            resumed_log = ckpt.get("log_state", {})
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / CONFIG).write_text(json.dumps(cfg_dict, indent=2, default=list))
+    start, resumed_rng, resumed_log = 0, None, {}
+    if ckpt is not None:
+        start, resumed_rng, resumed_log = _restore(ckpt, out_dir, model, optimizer, scheduler, scaler, rank)
+    if out_dir is not None and rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / CONFIG).write_text(json.dumps(cfg_dict, indent=2, default=list))
 
     train_module: nn.Module = _LossModule(model)
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         train_module = nn.parallel.DistributedDataParallel(train_module, device_ids=ids)
-
-    sampler = StepSampler(len(data), tcfg.batch_size, tcfg.seed, start, stop, rank, world)
-    loader = DataLoader(data, batch_sampler=sampler, num_workers=0, pin_memory=device.type == "cuda")
-    # Starting the loader draws its base seed from the global generator; the checkpoint's random state was taken
-    # after that draw, so it is restored after it, or a resumed run would draw once more than the straight one.
-    batches = iter(loader)
-    if resumed_rng is not None:
-        _set_rng_state(resumed_rng)
+    batches = _batches(data, tcfg, start, stop, device, resumed_rng)
 
     rows: list[dict[str, float]] = []
-    log_file = None
-    writer: csv.DictWriter | None = None
-    if out_dir is not None and rank == 0:
-        log_path = out_dir / LOG
-        kept: list[dict[str, str]] = []
-        if start > 0 and log_path.exists():  # keep the rows up to the checkpoint (a crash may have logged more)
-            with open(log_path, newline="") as fh:
-                kept = [r for r in csv.DictReader(fh) if float(r["step"]) <= start]
-        log_file = open(log_path, "w", newline="")
+    log = _LogFile(out_dir / LOG, start) if out_dir is not None and rank == 0 else None
     precision = f"{tcfg.amp_dtype} autocast" if use_amp else "float32"
     bar = tqdm(total=total, initial=start, disable=not progress or rank != 0,
                desc=f"{type(model).__name__} on {device}, {precision}",
@@ -451,28 +389,15 @@ def fit(
             out_of_time = max_seconds is not None and _agree(time.perf_counter() - t0 >= max_seconds, device,
                                                                 distributed)
             if step % tcfg.log_every == 0 or step == total or out_of_time:
-                row = {"step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-                row.update({k: v / n_running for k, v in running.items()})
-                if device.type == "cuda":
-                    row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if validation is not None:
-                    row["val_dice"] = row["val_folding_percent"] = math.nan
-                    if rank == 0 and (step % val_every == 0 or step == total or out_of_time):
-                        v0 = time.perf_counter()
-                        row.update(_validate(model, validation, val_pairs, val_options, device))
-                        model.train()
-                        t0 += time.perf_counter() - v0  # validation time is not training time
+                row = _log_row(step, optimizer, time.perf_counter() - t0, running, n_running, device)
+                if validation is not None:   # its time is not training time
+                    due = rank == 0 and (step % val_every == 0 or step == total or out_of_time)
+                    t0 += _validation_columns(row, due, model, validation, val_pairs, val_options, device)
                 running, n_running = {}, 0
                 rows.append(row)
                 bar.set_postfix(loss=f"{row['total']:.4f}")
-                if log_file is not None:
-                    if writer is None:  # the columns of the kept rows, then any new ones (e.g. validation)
-                        fields = list(kept[0]) if kept else []
-                        writer = csv.DictWriter(log_file, fieldnames=fields + [k for k in row if k not in fields])
-                        writer.writeheader()
-                        writer.writerows(kept)
-                    writer.writerow(row)
-                    log_file.flush()
+                if log is not None:
+                    log.write(row)
             if out_dir is not None and (step % tcfg.checkpoint_every == 0 or step == stop or out_of_time):
                 log_state = {"running": dict(running), "n_running": n_running, "seconds": time.perf_counter() - t0}
                 _checkpoint(out_dir, model, optimizer, scheduler, scaler, step, cfg_dict, distributed, rank, world,
@@ -481,14 +406,148 @@ def fit(
                 break
     finally:
         bar.close()
-        if log_file is not None:
-            if writer is None and kept:  # resumed at the end: no new row, keep the old ones
-                writer = csv.DictWriter(log_file, fieldnames=list(kept[0]))
-                writer.writeheader()
-                writer.writerows(kept)
-            log_file.close()
+        if log is not None:
+            log.close()
     model.eval()
     return rows
+
+
+def _batches(data: Dataset, tcfg: TrainConfig, start: int, stop: int, device: torch.device,
+             resumed_rng: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+    """The batches of steps ``start .. stop - 1`` of this process (:class:`StepSampler`), with a checkpoint's random
+    state restored: starting the loader draws its base seed from the global generator, and the checkpoint's state
+    was taken after that draw, so it is restored after it (or a resumed run would draw once more than the straight
+    one)."""
+    rank, _, world = distributed_info()
+    sampler = StepSampler(len(data), tcfg.batch_size, tcfg.seed, start, stop, rank, world)
+    batches = iter(DataLoader(data, batch_sampler=sampler, num_workers=0, pin_memory=device.type == "cuda"))
+    if resumed_rng is not None:
+        _set_rng_state(resumed_rng)
+    return batches
+
+
+def _validation_columns(row: dict[str, float], due: bool, model: nn.Module, validation: Dataset, pairs: int,
+                        options: dict[str, Any] | None, device: torch.device) -> float:
+    """Add ``val_dice`` and ``val_folding_percent`` to ``row`` (NaN unless ``due``); returns the seconds spent."""
+    row["val_dice"] = row["val_folding_percent"] = math.nan
+    if not due:
+        return 0.0
+    v0 = time.perf_counter()
+    row.update(_validate(model, validation, pairs, options, device))
+    model.train()
+    return time.perf_counter() - v0
+
+
+def _resumable_checkpoint(out_dir: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint of ``out_dir`` (loaded on the CPU: random states must be CPU byte tensors; the optimizer moves
+    its state to the parameters), refused when it is a run of another configuration; ``None`` without one."""
+    if not (out_dir / CHECKPOINT).is_file():
+        return None
+    ckpt = load_checkpoint(out_dir / CHECKPOINT, map_location="cpu")
+    _check_same_run(out_dir, ckpt, cfg_dict)
+    return ckpt
+
+
+def _before_main_loop(model: nn.Module, data: Dataset, out_dir: Path | None, device: torch.device, resume: bool,
+                      progress: bool, seed: int) -> None:
+    """The model's stages (:func:`train_stages`: each a run of its own in a sub-folder of ``out_dir``, so a resumed
+    run restores them instead of training them again), then its ``prepare`` (work that trains nothing)."""
+    train_stages(model, data, out=out_dir, device=device, resume=resume, progress=progress, seed=seed)
+    prepare = getattr(model, "prepare", None)
+    if callable(prepare):
+        import inspect
+
+        takes_seed = "seed" in inspect.signature(prepare).parameters   # a user's model may predate the argument
+        prepare(data, out=out_dir, device=device, progress=progress, **({"seed": seed} if takes_seed else {}))
+
+
+def _log_row(step: int, optimizer, seconds: float, running: dict[str, float], n_running: int,
+             device: torch.device) -> dict[str, float]:
+    """A row of ``log.csv``: step, learning rate, training seconds, the mean of each loss term since the last row
+    (and the peak GPU memory on CUDA)."""
+    row = {"step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+    row.update({k: v / n_running for k, v in running.items()})
+    if device.type == "cuda":
+        row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def _training_device(device: str | torch.device | None) -> torch.device:
+    """The device of this process (under torchrun: the local rank's GPU), with the process group initialised."""
+    _, local_rank, world = distributed_info()
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL initialisation, so each process talks from its own GPU
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _check_fit_options(tcfg: TrainConfig, validation: Dataset | None, val_every: int | None, val_pairs: int,
+                       max_seconds: float | None) -> int | None:
+    """Raise ``ValueError`` for validation or time-budget options :func:`fit` cannot use; returns ``val_every``
+    (default ``log_every`` when there is a validation)."""
+    if validation is not None:
+        val_every = int(val_every or tcfg.log_every)
+        if val_every < 1 or val_every % tcfg.log_every:
+            raise ValueError(f"val_every must be a positive multiple of log_every={tcfg.log_every}, got {val_every}")
+        if int(val_pairs) < 1 or len(validation) == 0:
+            raise ValueError(f"validation needs at least one pair (val_pairs={val_pairs}, {len(validation)} given)")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    return val_every
+
+
+def _restore(ckpt: dict[str, Any], out_dir: Path, model: nn.Module, optimizer, scheduler, scaler,
+             rank: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint's weights, optimizer, scheduler and scaler; returns ``(step, random state of this process,
+    log state)``. The random state is restored by the caller once the data loader has drawn its seed."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:  # e.g. fit() given a bare TrainConfig: no stored configuration to compare
+        raise ValueError(f"{out_dir} holds a {_describe(ckpt.get('config') or {})} run whose weights do not "
+                         f"fit this {type(model).__name__}: start fresh in a new folder (--out NEW_FOLDER "
+                         f"--no-resume, or fit(..., out=NEW_FOLDER, resume=False)) ({exc})") from exc
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if "scaler" in ckpt and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    if isinstance(rng, list):  # one state per DDP process
+        rng = rng[rank] if rank < len(rng) else rng[0]
+    return int(ckpt["step"]), rng, ckpt.get("log_state", {})
+
+
+class _LogFile:
+    """``log.csv`` of a run: the rows up to the checkpoint's step are kept (a crash may have logged more), then
+    each new row is written and flushed; the columns are the kept rows', then any new ones (e.g. validation)."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.kept: list[dict[str, str]] = []
+        if start > 0 and path.exists():
+            with open(path, newline="") as fh:
+                self.kept = [r for r in csv.DictReader(fh) if float(r["step"]) <= start]
+        self.file = open(path, "w", newline="")
+        self.writer: csv.DictWriter | None = None
+
+    def _start(self, fields: list[str]) -> None:
+        self.writer = csv.DictWriter(self.file, fieldnames=fields)
+        self.writer.writeheader()
+        self.writer.writerows(self.kept)
+
+    def write(self, row: dict[str, float]) -> None:
+        if self.writer is None:
+            fields = list(self.kept[0]) if self.kept else []
+            self._start(fields + [k for k in row if k not in fields])
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.writer is None and self.kept:  # resumed at the end: no new row, keep the old ones
+            self._start(list(self.kept[0]))
+        self.file.close()
 
 
 def _agree(flag: bool, device: torch.device, distributed: bool) -> bool:

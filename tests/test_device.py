@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import diffreg.device
 import diffreg.train
 from diffreg.cli import main
 from diffreg.config import get_config, methods
@@ -92,7 +93,7 @@ def test_library_functions_use_the_default_device(monkeypatch):
         calls.append(1)
         return torch.device("cpu")
 
-    monkeypatch.setattr(diffreg.train, "default_device", recorded)
+    monkeypatch.setattr(diffreg.device, "default_device", recorded)   # the rule (diffreg.device)
     cfg = get_config("voxelmorph", "quick", 2)
     cfg.train.steps = 1
     model = VoxelMorph(dims=2)
