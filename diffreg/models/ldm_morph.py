@@ -396,6 +396,73 @@ def _tuple(x: Any) -> Any:
     return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def _check_arguments(dims: int, depths: tuple[int, ...], num_heads: tuple[int, ...], use_ldm_features: bool,
+                     ldm_channels: Sequence[int], beta: float, feature_noise: str, feature_t: int, timesteps: int,
+                     ae_channels: tuple[int, ...], patch_size: int, embed_dim: int) -> None:
+    """Raise ``ValueError`` for inconsistent :class:`LDMMorph` arguments."""
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims}")
+    if len(depths) != len(num_heads) or len(depths) < 1:
+        raise ValueError(f"depths {depths} and num_heads {num_heads} need one entry per level")
+    if use_ldm_features and len(ldm_channels) != len(depths):
+        raise ValueError(f"the latent U-Net needs one width per level ({len(depths)}), got {tuple(ldm_channels)}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if feature_noise not in ("ddim", "q_sample"):
+        raise ValueError(f"feature_noise must be 'ddim' or 'q_sample', got {feature_noise!r}")
+    if not 0 <= feature_t < timesteps:
+        raise ValueError(f"feature_t must lie in [0, {timesteps - 1}], got {feature_t}")
+    if len(ae_channels) < 2:
+        raise ValueError(f"the autoencoder needs at least two levels (two 2x down-samplings), got {ae_channels}")
+    if patch_size != 4:
+        raise ValueError(f"patch_size must be 4, the autoencoder's down-sampling factor (sec. 4.2), "
+                         f"got {patch_size}")
+    if embed_dim % 2 or any((embed_dim * 2 ** i) % h for i, h in enumerate(num_heads)):
+        raise ValueError(f"embed_dim {embed_dim} must be even and every level width divisible by its heads")
+
+
+def _stage1_networks(dims: int, ae_channels: Sequence[int], ae_res_layers: int, ae_embeddings: int,
+                     ae_embedding_dim: int, ldm_channels: Sequence[int], ldm_attention: Sequence[bool],
+                     ldm_res_blocks: int, ldm_head_channels: int, ldm_norm_groups: int,
+                     **schedule: Any) -> tuple[nn.Module, nn.Module]:
+    """Stage 1 (sec. 3.2): MONAI's VQ-VAE (the first two levels down-sample by 2: a 4x smaller latent) and its
+    ``DiffusionModelUNet`` on the latents (eq. 5-6). ``schedule`` (the noise schedule's settings) is not used."""
+    from monai.networks.nets import VQVAE
+    from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet
+
+    ae_channels = tuple(ae_channels)
+    n = len(ae_channels)
+    down = tuple((2, 4, 1, 1) if i < 2 else (1, 3, 1, 1) for i in range(n))
+    up = tuple((2, 4, 1, 1, 0) if i >= n - 2 else (1, 3, 1, 1, 0) for i in range(n))
+    autoencoder = VQVAE(spatial_dims=dims, in_channels=1, out_channels=1, channels=ae_channels,
+                        num_res_layers=int(ae_res_layers), num_res_channels=ae_channels,
+                        downsample_parameters=down, upsample_parameters=up,
+                        num_embeddings=int(ae_embeddings), embedding_dim=int(ae_embedding_dim), ddp_sync=False)
+    unet = DiffusionModelUNet(spatial_dims=dims, in_channels=int(ae_embedding_dim), out_channels=int(ae_embedding_dim),
+                              channels=_tuple(ldm_channels), attention_levels=tuple(bool(a) for a in ldm_attention),
+                              num_res_blocks=int(ldm_res_blocks), num_head_channels=int(ldm_head_channels),
+                              norm_num_groups=int(ldm_norm_groups))
+    return autoencoder, unet
+
+
+def _decoder(dims: int, widths: Sequence[int], skip: Sequence[int]) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    """The decoder of sec. 3.3.3: the low-level branch (one conv on the pooled pair, ``widths[0] / 2`` channels), one
+    :class:`DecoderBlock` per level from the coarsest up (skip widths ``skip``) and a last one at the low-level
+    width, and the field head initialised near zero (weights N(0, 1e-5), bias 0)."""
+    low = widths[0] // 2
+    low_level = _ConvNormAct(dims, 2, low)
+    blocks = []
+    cin = skip[-1]
+    for i in range(len(widths) - 2, -1, -1):
+        blocks.append(DecoderBlock(dims, cin, widths[i], skip[i]))
+        cin = widths[i]
+    blocks.append(DecoderBlock(dims, cin, low, low))
+    head = _conv(dims, low, dims)
+    nn.init.normal_(head.weight, 0.0, 1e-5)
+    nn.init.zeros_(head.bias)
+    return low_level, nn.ModuleList(blocks), head
+
+
 class LDMMorph(RegistrationModel):
     """LDM-Morph: LDM features + Swin global features fused by LGCA, decoded to a displacement field.
 
@@ -479,28 +546,11 @@ class LDMMorph(RegistrationModel):
         cache_features: bool = False,
     ) -> None:
         super().__init__()
-        if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 or 3, got {dims}")
         depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
-        if len(depths) != len(num_heads) or len(depths) < 1:
-            raise ValueError(f"depths {depths} and num_heads {num_heads} need one entry per level")
-        levels = len(depths)
-        if use_ldm_features and len(ldm_channels) != levels:
-            raise ValueError(f"the latent U-Net needs one width per level ({levels}), got {tuple(ldm_channels)}")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {beta}")
-        if feature_noise not in ("ddim", "q_sample"):
-            raise ValueError(f"feature_noise must be 'ddim' or 'q_sample', got {feature_noise!r}")
-        if not 0 <= feature_t < timesteps:
-            raise ValueError(f"feature_t must lie in [0, {timesteps - 1}], got {feature_t}")
         ae_channels = tuple(int(c) for c in ae_channels)
-        if len(ae_channels) < 2:
-            raise ValueError(f"the autoencoder needs at least two levels (two 2x down-samplings), got {ae_channels}")
-        if patch_size != 4:
-            raise ValueError(f"patch_size must be 4, the autoencoder's down-sampling factor (sec. 4.2), "
-                             f"got {patch_size}")
-        if embed_dim % 2 or any((embed_dim * 2 ** i) % h for i, h in enumerate(num_heads)):
-            raise ValueError(f"embed_dim {embed_dim} must be even and every level width divisible by its heads")
+        _check_arguments(dims, depths, num_heads, use_ldm_features, ldm_channels, beta, feature_noise, feature_t,
+                         timesteps, ae_channels, patch_size, embed_dim)
+        levels = len(depths)
         self.dims = dims
         self.levels = levels
         self.embed_dim = int(embed_dim)
@@ -536,24 +586,8 @@ class LDMMorph(RegistrationModel):
         self.autoencoder: nn.Module | None = None
         self.unet: nn.Module | None = None
         if self.needs_stage1:
-            from monai.networks.nets import VQVAE
-            from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet
-
-            n = len(ae_channels)
-            down = tuple((2, 4, 1, 1) if i < 2 else (1, 3, 1, 1) for i in range(n))
-            up = tuple((2, 4, 1, 1, 0) if i >= n - 2 else (1, 3, 1, 1, 0) for i in range(n))
-            #: E / D (sec. 3.2): VQ-VAE with a 4x smaller latent
-            self.autoencoder = VQVAE(spatial_dims=dims, in_channels=1, out_channels=1, channels=ae_channels,
-                                     num_res_layers=int(ae_res_layers), num_res_channels=ae_channels,
-                                     downsample_parameters=down, upsample_parameters=up,
-                                     num_embeddings=int(ae_embeddings), embedding_dim=int(ae_embedding_dim),
-                                     ddp_sync=False)
-            #: eps_omega (eq. 5-6): denoising U-Net on latents
-            self.unet = DiffusionModelUNet(spatial_dims=dims, in_channels=int(ae_embedding_dim),
-                                           out_channels=int(ae_embedding_dim), channels=_tuple(ldm_channels),
-                                           attention_levels=tuple(bool(a) for a in ldm_attention),
-                                           num_res_blocks=self.ldm_res_blocks, num_head_channels=int(ldm_head_channels),
-                                           norm_num_groups=int(ldm_norm_groups))
+            #: E / D (sec. 3.2): VQ-VAE with a 4x smaller latent; eps_omega (eq. 5-6): denoising U-Net on latents
+            self.autoencoder, self.unet = _stage1_networks(dims, **self.stage1_settings)
             for p in self._stage1_parameters():
                 p.requires_grad_(False)
         self.stage1_log: dict[str, list[float]] = {}
@@ -577,20 +611,8 @@ class LDMMorph(RegistrationModel):
         skip = [2 * w if self.use_ldm_features else w for w in widths]
 
         # ---- decoder (sec. 3.3.3) -----------------------------------------------------------------------------
-        low = widths[0] // 2
-        #: low-level branch: one conv on the (2x average-pooled) pair
-        self.low_level = _ConvNormAct(dims, 2, low)
-        blocks = []
-        cin = skip[-1]
-        for i in range(levels - 2, -1, -1):
-            blocks.append(DecoderBlock(dims, cin, widths[i], skip[i]))
-            cin = widths[i]
-        blocks.append(DecoderBlock(dims, cin, low, low))
-        self.decoder = nn.ModuleList(blocks)
-        head = _conv(dims, low, dims)
-        nn.init.normal_(head.weight, 0.0, 1e-5)
-        nn.init.zeros_(head.bias)
-        self.head = head
+        #: low-level branch: one conv on the (2x average-pooled) pair; decoder blocks; a near-zero field head
+        self.low_level, self.decoder, self.head = _decoder(dims, widths, skip)
 
     def extra_repr(self) -> str:
         return (f"dims={self.dims}, widths={self.widths}, use_ldm_features={self.use_ldm_features}, "
