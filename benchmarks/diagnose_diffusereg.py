@@ -5,7 +5,7 @@ trains DiffuseReg on the phantom's training split and records, on the first held
 
 * the sampler table: Dice and folding % of DDIM with 5, 10, 20 and 50 steps and of DDPM over all T steps;
 * the teacher's Dice on the same pairs (the field the denoiser learns to sample);
-* the denoiser's error per timestep (:func:`diffreg.models.diffusereg.denoiser_error_per_timestep`): noise MSE,
+* the denoiser's error per timestep (:func:`diffreg.diagnostics.denoiser_error_per_timestep`): noise MSE,
   the error of the field estimate against the teacher (voxels) beside the trivial estimate, and the roughness of
   the estimate against the teacher's.
 
@@ -29,7 +29,7 @@ from diffreg.config import get_config
 from diffreg.data import open_configured
 from diffreg.evaluate import Table, evaluate
 from diffreg.models import build
-from diffreg.models.diffusereg import denoiser_error_per_timestep
+from diffreg.diagnostics import denoiser_error_per_timestep
 from diffreg.train import fit, seed_everything
 
 #: (variant, model changes, training steps)
@@ -82,7 +82,7 @@ def run(out: Path, runs: Path, limit: int, only: list[str] | None) -> None:
         f"{platform.processor() or platform.machine()} (CPU, 1 thread), torch {torch.__version__}; quick profile, "
         f"phantom, seed 0, the first {limit} held-out test pairs.\n\nCommand: `python benchmarks/diagnose_diffusereg.py "
         f"--runs RUNS --out {out}`\n\n`samplers.csv`: Dice and folding per variant and sampler; `errors.csv`: the "
-        "denoiser's error per timestep (diffreg.models.diffusereg.denoiser_error_per_timestep).\n")
+        "denoiser's error per timestep (diffreg.diagnostics.denoiser_error_per_timestep).\n")
 
 
 def main() -> None:

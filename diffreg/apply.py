@@ -343,7 +343,7 @@ def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = No
         ValueError: a DRDM run (it generates deformations and does not register pairs), or a ``run`` of another type.
     """
     from diffreg.device import resolve_device
-    from diffreg.runs import load_run, open_run
+    from diffreg.runs import RunFolder, load_run
 
     if isinstance(run, Run):
         out = run
@@ -354,7 +354,7 @@ def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = No
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory not found: {run_dir}")
         model, cfg = load_run(run_dir, device=resolve_device(device or None))
-        out = Run(model, cfg, open_run(run_dir).data_spec(), str(run_dir))
+        out = Run(model, cfg, RunFolder(run_dir).data_spec(), str(run_dir))
     else:
         raise ValueError(f"run must be a run directory, a Run or a (model, config) tuple, got {type(run).__name__}")
     if out.config.method == "drdm":

@@ -253,7 +253,7 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
 
     ``max_seconds`` caps the training time (a wall-clock budget); ``curve`` (``{"every": steps, "pairs": n,
     "options": register options}``) logs a validation Dice every ``every`` steps on the ``"val"`` split."""
-    from diffreg.runs import load_run, open_run
+    from diffreg.runs import RunFolder, load_run
     from diffreg.train import set_stage_steps, total_steps, train_or_reuse
 
     cfg = get_config(name, profile, data.dims)
@@ -273,7 +273,7 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
     if amp:
         notes.append(f"mixed precision ({cfg.train.amp_dtype} autocast on CUDA)")
 
-    run = open_run(run_dir)
+    run = RunFolder(run_dir)
     stored_cfg = run.config() if run.has_checkpoint() else None
     train_data = None
     if stored_cfg is not None:
@@ -616,12 +616,12 @@ def learning_curves(info: Mapping[str, Mapping[str, Any]]) -> Table:
     Returns:
         A :class:`~diffreg.evaluate.Table` (empty when no run logged a validation).
     """
-    from diffreg.runs import open_run
+    from diffreg.runs import RunFolder
 
     rows = Table()
     for name, meta in info.items():
         batch = int(meta["config"].train.batch_size)
-        for r in open_run(meta["run"]).log():
+        for r in RunFolder(meta["run"]).log():
             v = r.get("val_dice")
             if isinstance(v, float) and not math.isnan(v):
                 rows.append({"method": name, "step": int(r["step"]), "pairs_seen": int(r["step"]) * batch,

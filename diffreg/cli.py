@@ -100,7 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from diffreg.config import get_config
     from diffreg.models import build
     from diffreg.device import distributed_info
-    from diffreg.runs import open_run
+    from diffreg.runs import RunFolder
     from diffreg.train import fit, set_stage_steps
 
     cfg = get_config(args.method, args.profile, args.dims)
@@ -109,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage_steps is not None and not set_stage_steps(cfg, args.stage_steps):
         print(f"note: {cfg.method} has no first stage; --stage-steps ignored")
     _apply_protocol(cfg, args)
-    run = open_run(_folder(args.out, "--out"))
+    run = RunFolder(_folder(args.out, "--out"))
     out = run.path
     # a run directory of another method, profile, model or data is refused before anything is trained
     run.check(None if args.no_resume else cfg, None if args.no_resume else args.data)
@@ -168,9 +168,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(_device_line(device))
     spec = args.data
     if spec is None:  # the data the run was trained on
-        from diffreg.runs import open_run
+        from diffreg.runs import RunFolder
 
-        spec = open_run(args.run).data_spec() or "phantom"
+        spec = RunFolder(args.run).data_spec() or "phantom"
         args.data = spec
     _apply_protocol(cfg, args)
     data = _dataset(spec, args.split, cfg)

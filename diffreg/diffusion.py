@@ -20,7 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "linear_beta_schedule", "cosine_beta_schedule", "NoiseSchedule", "q_sample", "predict_x0", "SamplerStep",
-    "ddpm_sample", "ddim_sample", "ddim_invert", "ddim_timesteps", "final",
+    "ddpm_sample", "ddim_sample", "ddim_invert", "ddim_timesteps", "final", "ldm_schedule",
 ]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
@@ -197,6 +197,23 @@ def q_sample(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor | Non
              generator: torch.Generator | None = None) -> Tensor:
     """Functional form of :meth:`NoiseSchedule.q_sample` (DDPM eq. 4)."""
     return schedule.q_sample(x0, t, noise, generator)
+
+
+def ldm_schedule(start: float = 0.0015, end: float = 0.0195, steps: int = 1000) -> NoiseSchedule:
+    """LDM's noise schedule (eq. 1-3): ``beta_t = (sqrt(start) + (sqrt(end) - sqrt(start)) t / (T - 1))^2``.
+
+    The defaults are the official LDM configuration (``linear_start 0.0015, linear_end 0.0195, timesteps 1000``;
+    T = 1000 is in sec. 3.2). Used by LDM-Morph; explained in chapter 07.
+
+    Raises:
+        ValueError: bad end points or ``steps``.
+    """
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    if not 0 < start < 1 or not 0 < end < 1:
+        raise ValueError(f"start and end must lie in (0, 1), got {start}, {end}")
+    betas = torch.linspace(math.sqrt(start), math.sqrt(end), int(steps), dtype=torch.float64) ** 2
+    return NoiseSchedule(betas)
 
 
 def predict_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:

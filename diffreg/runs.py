@@ -30,7 +30,7 @@ from torch import nn
 from diffreg.config import MethodConfig
 from diffreg.device import resolve_device
 
-__all__ = ["RunFolder", "open_run", "load_run", "check_run_dir", "load_checkpoint", "save_checkpoint",
+__all__ = ["RunFolder", "load_run", "check_run_dir", "load_checkpoint", "save_checkpoint",
            "CHECKPOINT", "CONFIG", "LOG", "DATA"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -118,11 +118,6 @@ class RunFolder:
             method = (cfg or {}).get("method", "?")
             raise ValueError(f"{self.path} holds a {method} run trained on --data {stored}, not {data}: start fresh "
                              "in a new folder (--out NEW_FOLDER --no-resume), or repeat its --data to continue")
-
-
-def open_run(path: str | Path) -> RunFolder:
-    """The :class:`RunFolder` at ``path``."""
-    return RunFolder(Path(path))
 
 
 def _describe(cfg: dict[str, Any]) -> str:

@@ -55,7 +55,7 @@ Choices and deviations (each also in the box of chapter 07; the paper is silent 
   levels 2-4 with 32-channel heads (official ``casmus-ldm-vq16-64ch``: ``model_channels 64, channel_mult 1,2,3,4,
   num_res_blocks 2, attention_resolutions 8,4,2, num_head_channels 32``; the paper, sec. 4.2: "three layers per
   encoder block with a channel size of 64"). LDM's schedule: ``beta_t`` linear in ``sqrt(beta)`` from 0.0015 to
-  0.0195, ``T = 1000`` (:func:`ldm_schedule`).
+  0.0195, ``T = 1000`` (:func:`diffreg.diffusion.ldm_schedule`).
 * **Feature step.** ``t = 1`` (sec. 4.2), 0-based as in the official code (``t_enc = 1`` on a 0-based LDM). DDIM
   inversion runs ``t + 1`` unit steps by default (``invert_steps``).
 * **Four** upper-stream convolutions (one per level; the text says "three groups", sec. 3.3, but ``n = 4`` levels and
@@ -100,12 +100,12 @@ from torch import Tensor, nn
 
 from diffreg import losses
 from diffreg.config import MethodConfig, TrainConfig
-from diffreg.diffusion import NoiseSchedule, ddim_invert, final
+from diffreg.diffusion import NoiseSchedule, ddim_invert, final, ldm_schedule
 from diffreg.models.base import RegistrationModel, RegistrationResult, Stage, StageBudget, check_pair
 from diffreg.spatial import warp
 
 __all__ = [
-    "LDMMorph", "LGCA", "window_cross_attention", "hierarchical_similarity", "ldm_schedule", "STAGE1_STAGES",
+    "LDMMorph", "LGCA", "window_cross_attention", "hierarchical_similarity", "STAGE1_STAGES",
 ]
 
 #: the run sub-folders of stage 1 (the autoencoder, then the latent U-Net), each a run of ``diffreg.train.fit``
@@ -115,23 +115,6 @@ STAGE1_STAGES = ("autoencoder", "latent_unet")
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 1: the latent diffusion model (sec. 3.2, eq. 1-6)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def ldm_schedule(start: float = 0.0015, end: float = 0.0195, steps: int = 1000) -> NoiseSchedule:
-    """LDM's noise schedule (eq. 1-3): ``beta_t = (sqrt(start) + (sqrt(end) - sqrt(start)) t / (T - 1))^2``.
-
-    The defaults are the official LDM configuration (``linear_start 0.0015, linear_end 0.0195, timesteps 1000``;
-    T = 1000 is in sec. 3.2). Explained in chapter 07.
-
-    Raises:
-        ValueError: bad end points or ``steps``.
-    """
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
-    if not 0 < start < 1 or not 0 < end < 1:
-        raise ValueError(f"start and end must lie in (0, 1), got {start}, {end}")
-    betas = torch.linspace(math.sqrt(start), math.sqrt(end), int(steps), dtype=torch.float64) ** 2
-    return NoiseSchedule(betas)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -490,7 +473,7 @@ class LDMMorph(RegistrationModel):
         ae_embeddings, ae_embedding_dim: codebook size and latent channels (16384, 1).
         ldm_channels, ldm_attention, ldm_res_blocks, ldm_head_channels, ldm_norm_groups: latent U-Net widths,
             attention per level, ResBlocks per level (2: three layers per level), head channels, GroupNorm groups.
-        timesteps, beta_start, beta_end: LDM schedule (:func:`ldm_schedule`).
+        timesteps, beta_start, beta_end: LDM schedule (:func:`diffreg.diffusion.ldm_schedule`).
         feature_t: diffusion step of the features (1).
         feature_noise: ``"ddim"`` (DDIM inversion, the paper) or ``"q_sample"`` (random forward noising, the
             official code).

@@ -424,7 +424,7 @@ class _Fixed(nn.Module):
 
 
 def test_denoiser_error_per_timestep_against_analytic_answers():
-    from diffreg.models.diffusereg import denoiser_error_per_timestep
+    from diffreg.diagnostics import denoiser_error_per_timestep
 
     model, phi0 = _with_oracle(b=2)
     model.teacher = _Fixed(phi0)
