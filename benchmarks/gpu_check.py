@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffreg.config import get_config  # noqa: E402
 from diffreg.data import open_configured, write_acdc, write_camus  # noqa: E402
 from diffreg.evaluate import evaluate  # noqa: E402
-from diffreg.models import build  # noqa: E402
+from diffreg.models import DeformationGenerator, build  # noqa: E402
 from diffreg.speed import device_name  # noqa: E402
 from diffreg.train import fit, seed_everything, set_stage_steps  # noqa: E402
 
@@ -179,8 +179,9 @@ def run_method(method: str, layout: str, spec: str, amp: bool, s: Settings) -> d
         row.update(steps=int(rows[-1]["step"]), s_per_step=per_step, samples_per_s=cfg.train.batch_size / per_step,
                    loss_first=rows[0]["total"], loss_last=rows[-1]["total"],
                    peak_gib=torch.cuda.max_memory_allocated(s.device) / 2**30 if s.device.type == "cuda" else None)
-        if method == "drdm":
-            row["notes"].append("DRDM registers no pairs (a generative model of deformations): no Dice")
+        if isinstance(model, DeformationGenerator):
+            row["notes"].append(f"{type(model).__name__} registers no pairs (a generative model of deformations): "
+                                "no Dice")
         else:
             opts = EVAL_OPTIONS.get(method, {})
             if opts:

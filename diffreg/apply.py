@@ -329,6 +329,21 @@ class Run:
         return p.device if p is not None else torch.device("cpu")
 
 
+def _refuse_generator(run: Run) -> None:
+    """Raise ``ValueError`` when ``run`` is a deformation generator's (its method or its model), which registers no
+    pairs."""
+    from diffreg.models import MODELS, DeformationGenerator, is_generator
+
+    if is_generator(run.config.method):
+        cls = MODELS[run.config.method]
+    elif isinstance(run.model, DeformationGenerator):
+        cls = type(run.model)
+    else:
+        return
+    raise ValueError(f"{run.name} is a {cls.__name__} run: {cls.refusal()}; train a registration method "
+                     "(e.g. --method voxelmorph)")
+
+
 def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = None) -> Run:
     """A :class:`Run` from a run directory (:func:`diffreg.train.load_run`), a :class:`Run`, or a tuple
     ``(model, config)`` / ``(model, config, data)``.
@@ -340,7 +355,8 @@ def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = No
 
     Raises:
         FileNotFoundError: a run directory without ``config.json`` or ``checkpoint.pt``.
-        ValueError: a DRDM run (it generates deformations and does not register pairs), or a ``run`` of another type.
+        ValueError: a run of a deformation generator (DRDM: it generates deformations and does not register pairs;
+            :func:`diffreg.models.is_generator`), or a ``run`` of another type.
     """
     from diffreg.device import resolve_device
     from diffreg.runs import RunFolder, load_run
@@ -357,9 +373,7 @@ def open_run(run: PathLike | Run | tuple, device: str | torch.device | None = No
         out = Run(model, cfg, RunFolder(run_dir).data_spec(), str(run_dir))
     else:
         raise ValueError(f"run must be a run directory, a Run or a (model, config) tuple, got {type(run).__name__}")
-    if out.config.method == "drdm":
-        raise ValueError(f"{out.name} is a DRDM run: DRDM generates deformations of one image and does not register "
-                         "pairs; train a registration method (e.g. --method voxelmorph)")
+    _refuse_generator(out)
     if device is not None and out.device != torch.device(device):
         out.model.to(torch.device(device))
     out.model.eval()

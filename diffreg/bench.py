@@ -16,13 +16,13 @@ Explained in chapter 10 (``notebooks/10_benchmark.md``).
    linearly to its range (:class:`IntensityView`); labels, true motion and fields are unchanged;
 3. :func:`diffreg.evaluate.evaluate` (per-case Dice, Jacobian statistics, HD95, EPE on phantoms, seconds per pair).
 
-``"all"`` is every method of :func:`diffreg.config.methods` but DRDM, which generates deformations and does not
-register pairs (its ``register`` raises ``NotImplementedError``; chapters 08-09), plus ``"syn"`` when ``antspyx`` is
-installed. Outputs in ``out``: ``results.csv`` (one row per method and pair, ``method`` first), ``summary.md``
-(mean ± std per column, paired Wilcoxon signed-rank p-values of the per-case Dice against VoxelMorph from
-:func:`diffreg.evaluate.compare`, and per method the training budget, the inference options, device and date),
-``boxplot_dice.png`` and ``qualitative.png`` (:func:`make_figures`), ``examples.pt`` (the fields of the
-qualitative pair, to redraw it with :func:`load_results`).
+``"all"`` is every method of :func:`diffreg.config.methods` but the deformation generators (DRDM, which generates
+deformations and does not register pairs: :func:`diffreg.models.is_generator`; chapters 08-09), plus ``"syn"``
+when ``antspyx`` is installed. Outputs in ``out``: ``results.csv`` (one row per method and pair, ``method``
+first), ``summary.md`` (mean ± std per column, paired Wilcoxon signed-rank p-values of the per-case Dice against
+VoxelMorph from :func:`diffreg.evaluate.compare`, and per method the training budget, the inference options,
+device and date), ``boxplot_dice.png`` and ``qualitative.png`` (:func:`make_figures`), ``examples.pt`` (the fields
+of the qualitative pair, to redraw it with :func:`load_results`).
 
 Example (a notebook; the command line is ``python -m diffreg bench --methods all --profile quick --data phantom
 --runs runs --out bench``)::
@@ -54,11 +54,20 @@ __all__ = ["run_bench", "run_bench_seeds", "seed_summary", "SEED_COLUMNS", "make
 
 #: the method every other is tested against (paired Wilcoxon signed-rank test of the per-case Dice)
 REFERENCE = "voxelmorph"
-#: methods of :func:`diffreg.config.methods` left out of the benchmark, with the reason written to ``summary.md``
-SKIPPED: dict[str, str] = {
-    "drdm": "DRDM generates deformations of one image and does not register pairs (DRDM.register raises "
-            "NotImplementedError); chapter 09 evaluates it downstream, through VoxelMorph trained on DRDM pairs.",
-}
+
+
+def _skipped() -> dict[str, str]:
+    """The deformation generators of :func:`diffreg.config.methods` (:func:`diffreg.models.is_generator`), each with
+    the reason it is left out of the benchmark."""
+    from diffreg.models import MODELS, is_generator
+
+    return {m: f"{MODELS[m].refusal()} (a deformation generator, not a registration model); {MODELS[m].downstream}"
+            for m in methods() if is_generator(m)}
+
+
+#: methods of :func:`diffreg.config.methods` left out of the benchmark (the deformation generators), with the reason
+#: written to ``summary.md``
+SKIPPED: dict[str, str] = _skipped()
 #: methods with nothing to train, optimised per pair
 CLASSICAL: dict[str, str] = {"syn": "ANTs SyN (antspyx), diffreg.models.classical.ANTsSyN"}
 #: summary columns in order (the per-structure Dice columns present in the tables are inserted after ``dice``)

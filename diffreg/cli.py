@@ -21,7 +21,6 @@ available (the local rank's under ``torchrun``), else the CPU (:func:`diffreg.de
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -223,154 +222,16 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     """DRDM data synthesis (Alg. 3): ``--copies`` deformed copies of every patient of a dataset, written in the layout
-    it was read from (ACDC NIfTI, ACDC HDF5 or CAMUS NIfTI) with the labels and the fields used; the input folder is
-    never written to. Chapter 09."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+    it was read from with the labels and the fields used (:func:`diffreg.synthesize.synthesize_dataset`). Chapter
+    09."""
+    from diffreg.synthesize import synthesize_dataset
 
-    from diffreg.spatial import resize_field, warp
-    from diffreg.train import load_run
-
-    scheme, _, rest = args.data.partition(":")
-    scheme = scheme.strip().lower()
-    if scheme not in ("acdc", "acdc-h5", "camus") or not rest:
-        raise ValueError(f"--data must be acdc:PATH, acdc-h5:PATH or camus:PATH (a folder on disk), got {args.data!r}; "
-                         "write phantom data first with `python -m diffreg phantom`")
-    root, out = Path(rest).expanduser().resolve(), Path(args.out).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{scheme} data folder not found: {root}")
-    if out == root or root in out.parents:
-        raise ValueError(f"--out {out} lies inside the input folder {root}; the input folder is never written to")
-    _folder(str(out), "--out")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not empty")
     device = _device(args)
     print(_device_line(device))
-    model, cfg = load_run(args.run, device=device)
-    if cfg.method != "drdm":
-        raise ValueError(f"{args.run} is a {cfg.method!r} run, not a DRDM run")
-    levels = [int(v) for v in args.levels]
-    if any(not 0 <= v <= model.timesteps for v in levels):
-        raise ValueError(f"--levels must be in [0, {model.timesteps}], got {levels}")
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def field_for(ref: np.ndarray, spatial_axes: tuple[int, ...], level: int) -> np.ndarray:
-        """A DRDM field (Alg. 2) for the array ``ref``, over ``spatial_axes`` (the model's dims): ``(ndim_ref,
-        *ref.shape)`` in voxels of ``ref``, zero along the other axes (a 2D field is shared by every slice)."""
-        img = ref
-        if len(spatial_axes) < ref.ndim:  # a 2D model on a volume: the middle slice along the remaining axis
-            other = [a for a in range(ref.ndim) if a not in spatial_axes][0]
-            img = np.take(ref, ref.shape[other] // 2, axis=other)
-        lo, hi = np.percentile(img, 0.5), np.percentile(img, 99.5)
-        x = torch.from_numpy(np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1) * 2 - 1).float()[None, None]
-        size = tuple(x.shape[2:])
-        work = model.work_size or tuple(max(8, int(round(s / 8)) * 8) for s in size)
-        mode = "bilinear" if len(size) == 2 else "trilinear"
-        xw = F.interpolate(x, size=work, mode=mode, align_corners=False)
-        ddf, _ = model.deform(xw.to(model.device), level, generator=gen)
-        ddf = resize_field(ddf.cpu().float(), size)[0].numpy()
-        full = np.zeros((ref.ndim, *ref.shape), np.float32)
-        for c, a in enumerate(spatial_axes):
-            comp = ddf[c]
-            if len(spatial_axes) < ref.ndim:
-                comp = np.expand_dims(comp, other)
-            full[a] = np.broadcast_to(comp, ref.shape)
-        return full
-
-    def apply(arr: np.ndarray, ddf: np.ndarray, label: bool) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
-        t = t.long() if label else t.float()
-        out_t = warp(t, torch.from_numpy(ddf)[None], mode="nearest" if label else "bilinear")[0, 0].numpy()
-        if not label and np.issubdtype(arr.dtype, np.integer):
-            out_t = np.round(out_t)
-        return out_t.astype(arr.dtype)
-
-    def spatial_axes_of(shape: tuple[int, ...]) -> tuple[int, ...]:
-        if model.dims == len(shape):
-            return tuple(range(len(shape)))
-        if model.dims == 2 and len(shape) == 3:
-            slice_axis = int(np.argmin(shape))
-            return tuple(a for a in range(3) if a != slice_axis)
-        raise ValueError(f"a {model.dims}D DRDM cannot deform {len(shape)}D images of shape {shape}")
-
-    import nibabel as nib
-
-    def save_like(src_img, arr: np.ndarray, path: Path) -> None:
-        nib.save(nib.Nifti1Image(arr, src_img.affine, src_img.header), str(path))
-
-    n_written = 0
-    out.mkdir(parents=True, exist_ok=True)
-    if scheme in ("acdc", "acdc-h5"):
-        from diffreg.data.acdc import find_acdc
-
-        patients = find_acdc(root, layout="h5" if scheme == "acdc-h5" else "nifti")
-        for k in range(args.copies):
-            for pat in patients:
-                num = int(pat.pid[len("patient"):])
-                pid = f"patient{(k + 1) * 1000 + num:03d}"
-                level = levels[n_written % len(levels)]
-                if scheme == "acdc":
-                    d = out / pid
-                    d.mkdir()
-                    ed = nib.load(str(pat.ed_image))
-                    ddf = field_for(np.asarray(ed.dataobj, np.float32), spatial_axes_of(ed.shape[:3]), level)
-                    for which in ("ed", "es"):
-                        frame = pat.ed if which == "ed" else pat.es
-                        for src, suffix, label in ((getattr(pat, f"{which}_image"), "", False),
-                                                   (getattr(pat, f"{which}_label"), "_gt", True)):
-                            img = nib.load(str(src))
-                            save_like(img, apply(np.asanyarray(img.dataobj), ddf, label),
-                                      d / f"{pid}_frame{frame:02d}{suffix}.nii.gz")
-                    nib.save(nib.Nifti1Image(np.moveaxis(ddf, 0, -1), ed.affine), str(d / f"{pid}_ddf.nii.gz"))
-                    cfg_text = (Path(pat.ed_image).parent / "Info.cfg").read_text()
-                    (d / "Info.cfg").write_text(cfg_text)
-                else:
-                    import h5py
-
-                    with h5py.File(pat.ed_image, "r") as f:
-                        ddf = field_for(np.asarray(f["image"], np.float32), spatial_axes_of(f["image"].shape), level)
-                    for frame, src in ((pat.ed, pat.ed_image), (pat.es, pat.es_image)):
-                        with h5py.File(src, "r") as f, h5py.File(out / f"{pid}_frame{frame:02d}.h5", "w") as g:
-                            g.create_dataset("image", data=apply(np.asarray(f["image"]), ddf, False), compression="gzip")
-                            g.create_dataset("label", data=apply(np.asarray(f["label"]), ddf, True), compression="gzip")
-                            g.create_dataset("ddf", data=ddf, compression="gzip")
-                n_written += 1
-    else:
-        from diffreg.data.camus import find_camus
-
-        views = find_camus(root, views=tuple(args.views))
-        for k in range(args.copies):
-            for v in views:
-                if not str(v.ed_image).endswith((".nii", ".nii.gz")):
-                    raise ValueError(f"{v.ed_image}: synthesize writes CAMUS NIfTI only (convert .mhd first)")
-                num = int(v.pid[len("patient"):])
-                pid = f"patient{(k + 1) * 10000 + num:04d}"
-                level = levels[n_written % len(levels)]
-                d = out / pid
-                d.mkdir(exist_ok=True)
-                ed = nib.load(str(v.ed_image))
-                ed_arr = np.squeeze(np.asarray(ed.dataobj, np.float32))
-                ddf = field_for(ed_arr, spatial_axes_of(ed_arr.shape), level)
-                for phase in ("ED", "ES"):
-                    for src, suffix, label in ((getattr(v, f"{phase.lower()}_image"), "", False),
-                                               (getattr(v, f"{phase.lower()}_label"), "_gt", True)):
-                        img = nib.load(str(src))
-                        arr = np.asanyarray(img.dataobj)
-                        warped = apply(np.squeeze(arr), ddf, label).reshape(arr.shape)
-                        save_like(img, warped, d / f"{pid}_{v.view}_{phase}{suffix}.nii.gz")
-                nib.save(nib.Nifti1Image(np.moveaxis(ddf, 0, -1), ed.affine), str(d / f"{pid}_{v.view}_ddf.nii.gz"))
-                cfg_file = Path(v.ed_image).parent / f"Info_{v.view}.cfg"
-                if cfg_file.is_file():
-                    (d / cfg_file.name).write_text(cfg_file.read_text())
-                n_written += 1
-    (out / "drdm_synthesis.json").write_text(json.dumps({
-        "source": args.data, "run": str(args.run), "copies": args.copies, "levels": levels, "seed": args.seed,
-        "fields": "displacement in voxels of the file's array axes, channel i along axis i; "
-                  "warped(p) = source(p + ddf(p)); labels warped with nearest interpolation",
-    }, indent=2))
-    print(f"wrote {n_written} DRDM-deformed {'patients' if scheme != 'camus' else 'views'} "
-          f"({args.copies} per source, T' in {levels}) to {out}")
+    res = synthesize_dataset(args.run, args.data, args.out, copies=args.copies, levels=args.levels,
+                             views=args.views, seed=args.seed, device=device)
+    print(f"wrote {res.written} {res.generator}-deformed {res.unit} ({res.copies} per source, "
+          f"{res.level_symbol} in {res.levels}) to {res.out}")
     return 0
 
 
@@ -441,7 +302,9 @@ def _protocol_arguments(parser: argparse.ArgumentParser, default: str = "default
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m diffreg``."""
     from diffreg.config import methods
+    from diffreg.models import is_generator
 
+    generators = [m for m in methods() if is_generator(m)]  # they register no pairs: left out of "bench all"
     p = argparse.ArgumentParser(prog="python -m diffreg", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -533,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="train or reuse every method and compare them on the same held-out pairs")
     be.add_argument("--methods", nargs="+", default=["all"], metavar="NAME",
-                    help="all (every registration method but drdm, plus syn) or names: "
-                         f"{', '.join(m for m in methods() if m != 'drdm')}, syn")
+                    help=f"all (every registration method but {', '.join(generators)}, plus syn) or names: "
+                         f"{', '.join(m for m in methods() if m not in generators)}, syn")
     be.add_argument("--profile", default="quick", choices=["quick", "paper"])
     be.add_argument("--data", default="phantom", help="phantom | acdc:PATH | acdc-h5:PATH | camus:PATH")
     be.add_argument("--runs", required=True, help="folder of run directories RUNS/<method> (reused when finished)")

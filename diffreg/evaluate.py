@@ -151,9 +151,17 @@ def evaluate(
 
     Returns:
         A :class:`Table` with one row per pair (columns in the module docstring).
+
+    Raises:
+        ValueError: ``model`` is a deformation generator (:class:`~diffreg.models.DeformationGenerator`, DRDM),
+            which registers no pairs.
     """
     from tqdm.auto import tqdm
 
+    from diffreg.models.base import DeformationGenerator
+
+    if isinstance(model, DeformationGenerator):
+        raise ValueError(f"{model.refusal()}: evaluate a registration model; {model.downstream}".rstrip("; "))
     if device is None:
         from diffreg.device import default_device
 

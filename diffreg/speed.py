@@ -22,9 +22,10 @@ architecture, data size and batch size (unless overridden):
   call, with up to ``repeats`` timed calls (fewer when one call takes longer than ``repeat_budget_s``). DiffuseReg:
   one entry per sampler step count ``S`` of ``sampler_steps``, ``register(sampler="ddim", steps=S)``, ``S``
   denoiser evaluations (``S = T`` evaluations cost what the paper's DDPM over all ``T`` steps costs); default: the
-  profile's sampler steps (``T`` for DDPM). DRDM does not register pairs: its entry is ``deform(image, T')``
-  (Alg. 2, ``T'`` recovery steps) for each ``T'`` of ``sampler_steps`` (default ``T``). The other methods register
-  in one pass and ignore ``sampler_steps``.
+  profile's sampler steps (``T`` for DDPM). A deformation generator (:class:`~diffreg.models.DeformationGenerator`,
+  DRDM) registers no pairs: its entry is ``deform(image, level)`` for each level of ``sampler_steps`` (default its
+  ``max_level``); for DRDM ``deform(image, T')`` (Alg. 2, ``T'`` recovery steps, default ``T``). The other methods
+  register in one pass and ignore ``sampler_steps``.
 * **peak memory** of the timed calls (after the warm-up), separately for training and inference: on CUDA
   ``torch.cuda.max_memory_allocated`` (every tensor: weights, gradients, optimizer state, the batch, activations;
   not the caching allocator's reserve). On a CPU the same quantity is estimated as the bytes of the tensors that
@@ -219,13 +220,13 @@ def _skip_prepare(model: torch.nn.Module) -> bool:
     """Mark a model's stages and preparation as done without running them (see the module docstring): each of its
     :meth:`~diffreg.models.RegistrationModel.stages` is declared done with an empty log, and the statistics of a
     ``prepare`` keep their initial values. ``True`` when the model has stages or a :meth:`prepare` of its own."""
-    from diffreg.models.base import RegistrationModel
+    from diffreg.models.base import BaseModel
 
     stages = model.stages() if callable(getattr(model, "stages", None)) else []
     for stage in stages:
         if stage.done is not None:
             stage.done([])
-    own = bool(stages) or type(model).prepare is not RegistrationModel.prepare
+    own = bool(stages) or type(model).prepare is not BaseModel.prepare
     flag = getattr(model, "stats_ready", None)
     if isinstance(flag, torch.Tensor):
         flag.fill_(True)
@@ -268,14 +269,16 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
 def _inference_runs(model: torch.nn.Module, method: str, sampler_steps: Sequence[int] | None
                     ) -> list[tuple[str, Callable[[torch.Tensor, torch.Tensor], Any]]]:
     """``(label, fn(moving, fixed))`` for every inference entry of ``method`` (see the module docstring)."""
+    from diffreg.models.base import DeformationGenerator
+
     if method == "diffusereg":
         T = model.schedule.num_timesteps
         default = model.default_steps if model.default_sampler == "ddim" and model.default_steps else T
         steps = list(sampler_steps) if sampler_steps else [default]
         return [(f"S={s}", lambda m, f, s=int(s): model.register(m, f, sampler="ddim", steps=s)) for s in steps]
-    if method == "drdm":
-        steps = list(sampler_steps) if sampler_steps else [model.timesteps]
-        return [(f"T'={s}", lambda m, f, s=int(s): model.deform(m, s)) for s in steps]
+    if isinstance(model, DeformationGenerator):
+        steps = list(sampler_steps) if sampler_steps else [model.max_level]
+        return [(f"{model.level_symbol}={s}", lambda m, f, s=int(s): model.deform(m, s)) for s in steps]
     return [("", lambda m, f: model.register(m, f))]
 
 
@@ -302,8 +305,8 @@ def measure_speed(method: str, profile: str = "paper", dims: int | None = None, 
         amp: mixed precision (CUDA only; the profile's ``amp_dtype``).
         device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ...; default ``cuda`` when available, else ``cpu``.
         batch_size: pairs per training step (default: the profile's).
-        sampler_steps: DiffuseReg sampler step counts / DRDM levels ``T'`` timed at inference (see the module
-            docstring); ignored by the one-pass methods.
+        sampler_steps: DiffuseReg sampler step counts / deformation levels of a generator (DRDM: ``T'``) timed at
+            inference (see the module docstring); ignored by the one-pass methods.
         size: spatial size in array order, ``(H, W)`` or ``(D, H, W)`` (default: the profile's).
         warmup: untimed training steps first (default 2 on CUDA, 1 on a CPU).
         repeats: timed inference calls per entry (at most).

@@ -75,3 +75,10 @@ def test_markdown_escapes_pipes_in_cells():
     html = MarkdownIt("commonmark").enable("table").render(Table([{"|J|<0 (%)": 0.5, "note": "a|b"}]).to_markdown())
     assert html.count("<th>") == 2 and html.count("<td>") == 2
     assert "<th>|J|&lt;0 (%)</th>" in html and "<td>a|b</td>" in html
+
+
+def test_a_deformation_generator_is_refused_with_a_clear_message():
+    from diffreg.models import DRDM
+
+    with pytest.raises(ValueError, match="DRDM generates deformations of one image and does not register pairs"):
+        evaluate(DRDM(widths=(4, 8, 8), time_dim=16), ShiftedBlobs(1), device="cpu")

@@ -69,3 +69,16 @@ def test_tensor_bytes_counts_weights_gradients_and_optimizer_state():
     net(torch.ones(1, 10)).sum().backward()
     opt.step()
     assert tensor_bytes(net, opt) == 4 * 440 + 2 * 4  # weights, gradients, two moments, two step counters
+
+
+def test_a_generator_is_timed_by_deform_at_each_level():
+    from diffreg.models import DRDM
+    from diffreg.speed import _inference_runs
+
+    model = DRDM(widths=(4, 8, 8), time_dim=16).eval()
+    runs = _inference_runs(model, "drdm", [0, 2])
+    assert [label for label, _ in runs] == ["T'=0", "T'=2"]
+    assert [label for label, _ in _inference_runs(model, "drdm", None)] == ["T'=80"]
+    image = torch.zeros(1, 1, 32, 32)
+    ddf, deformed = runs[0][1](image, image)
+    assert ddf.shape == (1, 2, 32, 32) and torch.equal(ddf, torch.zeros_like(ddf))

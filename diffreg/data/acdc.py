@@ -1,7 +1,10 @@
-"""Finding and reading ACDC patients (official NIfTI layout and the preprocessed HDF5 layout).
+"""Finding, reading and writing ACDC patients (official NIfTI layout and the preprocessed HDF5 layout).
 
 Explained in ``book/reproducing.md``. The dataset class is :class:`diffreg.data.ACDCPairs` (``pairs.py``); this
-module only finds files and reads one frame of one patient, with every error naming the file.
+module finds files and reads one frame of one patient, with every error naming the file, and writes one patient
+(:func:`write_acdc_patient`) or one frame file (:func:`write_acdc_h5_frame`) in each layout: the writers of the
+phantoms (:mod:`diffreg.data.phantom`, chapter 01) and of DRDM-deformed copies (:mod:`diffreg.synthesize`,
+chapter 09).
 
 * **NIfTI** (the official release): ``root/patientXXX/Info.cfg`` (``ED``, ``ES`` frame numbers, 1-based) and
   ``patientXXX_frameNN.nii.gz`` / ``patientXXX_frameNN_gt.nii.gz``; the patient folders may also sit one level down
@@ -16,8 +19,10 @@ ACDC labels: 0 = background, 1 = RV, 2 = Myo, 3 = LV cavity.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,11 +32,14 @@ from diffreg.data.io import (
     check_label_grid,
     check_same_shape,
     load_h5,
+    new_file,
     read_cfg,
     read_image_file,
+    write_nifti_folder,
 )
 
-__all__ = ["ACDCPatient", "find_acdc", "load_acdc_frame", "H5_SPACING", "ACDC_LABEL_VALUES"]
+__all__ = ["ACDCPatient", "find_acdc", "load_acdc_frame", "write_acdc_patient", "write_acdc_h5_frame", "H5_SPACING",
+           "ACDC_LABEL_VALUES"]
 
 #: Voxel spacing (slice, row, column) in mm assumed for the HDF5 layout, which stores none. ACDC is 5-10 mm between
 #: slices (mostly 10) and 1.2-1.9 mm in plane.
@@ -185,3 +193,54 @@ def load_acdc_frame(patient: ACDCPatient, which: str,
     if img.ndim != 3:
         raise ValueError(f"{img_path}: expected a 3D volume, got shape {img.shape}")
     return img, lab, spacing
+
+
+def write_acdc_patient(root: str | Path, pid: str, frames: Sequence[tuple[int, Any, Any]], info: str,
+                       extra: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write one patient in the official ACDC NIfTI layout that :func:`find_acdc` reads.
+
+    ``root/pid/`` gets ``{pid}_frameNN.nii.gz`` and ``{pid}_frameNN_gt.nii.gz`` for every ``(NN, image, label)`` of
+    ``frames``, ``{pid}_{name}.nii.gz`` for every ``name: image`` of ``extra`` (the phantoms' ``4d`` cine, DRDM's
+    ``ddf``) and ``Info.cfg`` with the text ``info``.
+
+    Args:
+        root: the dataset folder (created with the patient folder).
+        pid: ``"patient001"``.
+        frames: ``(frame number (1-based), image, label)``; images and labels are ``nibabel`` NIfTI images (arrays
+            ``(X, Y, Z)``, spacing in mm in the affine and header).
+        info: the text of ``Info.cfg`` (``ED: N``, ``ES: N``, ...).
+        extra: further NIfTI images by name.
+        overwrite: allow replacing existing files.
+
+    Returns:
+        The patient folder ``root / pid``.
+
+    Raises:
+        FileExistsError: a file exists and ``overwrite`` is false.
+    """
+    return write_nifti_folder(Path(root) / pid, pid, [(f"frame{n:02d}", image, label) for n, image, label in frames],
+                              extra, {"Info.cfg": info}, overwrite)
+
+
+def write_acdc_h5_frame(root: str | Path, pid: str, frame: int, image: np.ndarray, label: np.ndarray,
+                        extra: Mapping[str, np.ndarray] | None = None, overwrite: bool = False) -> Path:
+    """Write one frame in the preprocessed ACDC HDF5 layout that :func:`find_acdc` reads (``layout="h5"``).
+
+    ``root/{pid}_frame{frame:02d}.h5`` with the gzip-compressed datasets ``image`` and ``label`` (arrays
+    ``(Z, Y, X)``, written in their own dtypes) and every ``name: array`` of ``extra`` (DRDM's ``ddf``). A patient
+    is two such files; the lower frame number is ED.
+
+    Returns:
+        The file's path.
+
+    Raises:
+        FileExistsError: the file exists and ``overwrite`` is false.
+    """
+    import h5py
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    path = new_file(Path(root) / f"{pid}_frame{frame:02d}.h5", overwrite)
+    with h5py.File(path, "w") as f:
+        for name, data in {"image": image, "label": label, **(extra or {})}.items():
+            f.create_dataset(name, data=data, compression="gzip")
+    return path

@@ -1,4 +1,6 @@
-"""Finding and reading CAMUS patients (NIfTI release and the older MetaImage ``.mhd``/``.raw`` release).
+"""Finding and reading CAMUS patients (NIfTI release and the older MetaImage ``.mhd``/``.raw`` release), and
+writing one view in the NIfTI layout (:func:`write_camus_view`: the phantoms of :mod:`diffreg.data.phantom`,
+chapter 01, and DRDM-deformed copies, :mod:`diffreg.synthesize`, chapter 09).
 
 Explained in ``book/reproducing.md``. The dataset class is :class:`diffreg.data.CAMUSPairs` (``pairs.py``).
 
@@ -11,15 +13,17 @@ CAMUS labels: 0 = background, 1 = LV cavity, 2 = Myo, 3 = LA.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from diffreg.data.acdc import _patient_dirs
-from diffreg.data.io import check_label_grid, read_image_file
+from diffreg.data.io import check_label_grid, read_image_file, write_nifti_folder
 
-__all__ = ["CAMUSView", "find_camus", "load_camus_frame", "CAMUS_LABEL_VALUES", "VIEWS"]
+__all__ = ["CAMUSView", "find_camus", "load_camus_frame", "write_camus_view", "CAMUS_LABEL_VALUES", "VIEWS"]
 
 CAMUS_LABEL_VALUES = (0, 1, 2, 3)
 VIEWS = ("2CH", "4CH")
@@ -93,3 +97,25 @@ def load_camus_frame(entry: CAMUSView, which: str) -> tuple[np.ndarray, np.ndarr
     if img.ndim != 2:
         raise ValueError(f"{image.path}: expected a 2D image, got shape {img.shape}")
     return np.ascontiguousarray(img), np.ascontiguousarray(lab), image.spacing[-2:]
+
+
+def write_camus_view(root: str | Path, pid: str, view: str, phases: Sequence[tuple[str, Any, Any]],
+                     info: str | None = None, extra: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write one view of one patient in the CAMUS NIfTI layout that :func:`find_camus` reads.
+
+    ``root/pid/`` gets ``{pid}_{view}_{phase}.nii.gz`` and ``{pid}_{view}_{phase}_gt.nii.gz`` for every ``(phase,
+    image, label)`` of ``phases`` (``"ED"``, ``"ES"``), ``{pid}_{view}_{name}.nii.gz`` for every ``name: image`` of
+    ``extra`` (the phantoms' ``half_sequence``, DRDM's ``ddf``) and, when ``info`` is given, ``Info_{view}.cfg``
+    with that text.
+
+    Args:
+        root: the dataset folder (created with the patient folder).
+        pid: ``"patient0001"``.
+        view: ``"2CH"`` or ``"4CH"``.
+        phases: ``(phase, image, label)``; images and labels are ``nibabel`` NIfTI images (arrays ``(X, Y)``).
+        info: the text of ``Info_{view}.cfg`` (``None``: no file).
+        extra, overwrite: as for :func:`diffreg.data.acdc.write_acdc_patient`, and so are the result (the
+            patient folder ``root / pid``) and the errors.
+    """
+    texts = {f"Info_{view}.cfg": info} if info is not None else {}
+    return write_nifti_folder(Path(root) / pid, f"{pid}_{view}", phases, extra, texts, overwrite)

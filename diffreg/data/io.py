@@ -1,6 +1,9 @@
 """Checked loading of medical image files: every error names the file and says what is wrong.
 
-Explained in chapter 01 (data) and ``book/reproducing.md`` (real data). Nothing here ever writes.
+Explained in chapter 01 (data) and ``book/reproducing.md`` (real data). The loaders never write; the three small
+helpers at the end (``prepare_root``, ``new_file``, ``write_nifti``, ``write_nifti_folder``) serve the layouts' writers
+(:func:`diffreg.data.acdc.write_acdc_patient`, :func:`diffreg.data.acdc.write_acdc_h5_frame`,
+:func:`diffreg.data.camus.write_camus_view`), which never overwrite a file unless asked.
 
 * :func:`read_image_file` -- **the** checked reader of an image or label file (NIfTI or MetaImage): voxels in array
   order, the grid (spacing, origin, direction) and content checks; the datasets (:mod:`diffreg.data.acdc`,
@@ -29,7 +32,7 @@ file would otherwise pass as a valid image.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,10 @@ __all__ = [
     "check_image",
     "check_label",
     "check_same_shape",
+    "prepare_root",
+    "new_file",
+    "write_nifti",
+    "write_nifti_folder",
 ]
 
 PathLike = str | Path
@@ -531,3 +538,62 @@ def check_same_shape(img: np.ndarray, lab: np.ndarray, img_path: PathLike, lab_p
     if np.shape(img) != np.shape(lab):
         raise ValueError(f"shape mismatch between image {img_path} {tuple(np.shape(img))} and mask {lab_path} "
                          f"{tuple(np.shape(lab))}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers of the layouts' writers (acdc.py, camus.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prepare_root(root: PathLike) -> Path:
+    """``root`` as a folder to write a dataset into (created).
+
+    Raises:
+        ValueError: ``root`` is an existing file.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is an existing file: the dataset writers need a folder (it is created)")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def new_file(path: Path, overwrite: bool) -> Path:
+    """``path``, checked to be new unless ``overwrite``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; the dataset writers never overwrite files (pass overwrite=True).")
+    return path
+
+
+def write_nifti(image, path: Path, overwrite: bool) -> Path:
+    """Save a ``nibabel`` NIfTI image to ``path`` (:func:`new_file` checks it first); returns ``path``."""
+    import nibabel as nib
+
+    nib.save(image, str(new_file(path, overwrite)))
+    return path
+
+
+def write_nifti_folder(folder: Path, stem: str, frames: Sequence[tuple[str, object, object]],
+                       extra: Mapping[str, object] | None, texts: Mapping[str, str], overwrite: bool) -> Path:
+    """The files of one case of the ACDC and CAMUS NIfTI layouts, in ``folder`` (created).
+
+    ``{stem}_{key}.nii.gz`` and ``{stem}_{key}_gt.nii.gz`` for every ``(key, image, label)`` of ``frames``,
+    ``{stem}_{name}.nii.gz`` for every ``name: image`` of ``extra`` (``nibabel`` NIfTI images) and the file ``name``
+    with the text ``text`` for every ``name: text`` of ``texts``; no file is overwritten unless ``overwrite``.
+
+    Returns:
+        ``folder``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, image, label in frames:
+        write_nifti(image, folder / f"{stem}_{key}.nii.gz", overwrite)
+        write_nifti(label, folder / f"{stem}_{key}_gt.nii.gz", overwrite)
+    for name, image in (extra or {}).items():
+        write_nifti(image, folder / f"{stem}_{name}.nii.gz", overwrite)
+    for name, text in texts.items():
+        new_file(folder / name, overwrite).write_text(text)
+    return folder

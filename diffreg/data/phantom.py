@@ -40,7 +40,9 @@ with linear interpolation of ``u_a``.
 **Writers.** :func:`write_acdc`, :func:`write_acdc_h5` and :func:`write_camus` write phantom patients in the official
 ACDC NIfTI layout, the common preprocessed ACDC HDF5 layout and the CAMUS NIfTI layout, so that the real loaders
 (:mod:`diffreg.data.pairs`) are exercised on a fresh machine. They only write inside the given root and refuse to
-overwrite existing files.
+overwrite existing files. Each layout's files are written by the writer beside its reader
+(:func:`diffreg.data.acdc.write_acdc_patient`, :func:`diffreg.data.acdc.write_acdc_h5_frame`,
+:func:`diffreg.data.camus.write_camus_view`), which DRDM's synthesis (:mod:`diffreg.synthesize`) uses too.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from diffreg.data.acdc import write_acdc_h5_frame, write_acdc_patient
+from diffreg.data.camus import write_camus_view
+from diffreg.data.io import prepare_root
 
 __all__ = [
     "PhantomSequence",
@@ -712,14 +718,6 @@ def _subject_seed(seed: int, subject: int) -> int:
     return seed * 100003 + subject
 
 
-def _prepare_root(root: str | Path) -> Path:
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"{root} is an existing file: the phantom writers need a folder (it is created)")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 def _patient_ids(n_patients: int, first_id: int) -> range:
     """Patient numbers ``first_id ... first_id + n_patients - 1``.
 
@@ -731,20 +729,15 @@ def _patient_ids(n_patients: int, first_id: int) -> range:
     return range(int(first_id), int(first_id) + int(n_patients))
 
 
-def _new_file(path: Path, overwrite: bool) -> Path:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; the phantom writers never overwrite files (pass overwrite=True).")
-    return path
-
-
-def _save_nifti(path: Path, array: np.ndarray, zooms: Sequence[float], overwrite: bool) -> None:
+def _nifti(array: np.ndarray, zooms: Sequence[float]):
+    """A NIfTI image of ``array`` with a diagonal affine of the spacing ``zooms`` (mm; a trailing 1.0 for time)."""
     import nibabel as nib
 
     affine = np.diag([*[float(z) for z in zooms[:3]], *([1.0] * (4 - min(len(zooms), 3)))])
     img = nib.Nifti1Image(array, affine)
     img.header.set_zooms(tuple(float(z) for z in zooms))
     img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(_new_file(path, overwrite)))
+    return img
 
 
 def _mr_intensity(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -774,26 +767,21 @@ def write_acdc(root: str | Path, n_patients: int = 4, seed: int = 0, size: Seque
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
     """
-    root = _prepare_root(root)
+    root = prepare_root(root)
     groups = ("NOR",)
     for i in _patient_ids(n_patients, first_id):
         rng = np.random.default_rng(_subject_seed(seed, i) + 7)
         inplane = rng.uniform(1.4, 1.7)
         spacing = (float(rng.choice([10.0, 10.0, 10.0, 8.0])), inplane, inplane)
         seq = make_sax_3d(size, n_frames=n_frames, seed=_subject_seed(seed, i), spacing=spacing)
-        pid = f"patient{i:03d}"
-        d = root / pid
-        d.mkdir(exist_ok=True)
         zooms = (spacing[2], spacing[1], spacing[0])
         frames = _mr_intensity(seq.frames, rng)
-        for idx in (seq.ed, seq.es):
-            stem = f"{pid}_frame{idx + 1:02d}"
-            _save_nifti(d / f"{stem}.nii.gz", frames[idx].transpose(2, 1, 0), zooms, overwrite)
-            _save_nifti(d / f"{stem}_gt.nii.gz", seq.labels[idx].transpose(2, 1, 0), zooms, overwrite)
-        _save_nifti(d / f"{pid}_4d.nii.gz", frames.transpose(3, 2, 1, 0), (*zooms, 1.0), overwrite)
+        written = [(idx + 1, _nifti(frames[idx].transpose(2, 1, 0), zooms),
+                    _nifti(seq.labels[idx].transpose(2, 1, 0), zooms)) for idx in (seq.ed, seq.es)]
         cfg = (f"ED: {seq.ed + 1}\nES: {seq.es + 1}\nGroup: {groups[(i - 1) % len(groups)]}\n"
                f"Height: {rng.uniform(150, 195):.1f}\nNbFrame: {seq.n_frames}\nWeight: {rng.uniform(50, 100):.1f}\n")
-        _new_file(d / "Info.cfg", overwrite).write_text(cfg)
+        write_acdc_patient(root, f"patient{i:03d}", written, cfg,
+                           extra={"4d": _nifti(frames.transpose(3, 2, 1, 0), (*zooms, 1.0))}, overwrite=overwrite)
     return root
 
 
@@ -808,9 +796,7 @@ def write_acdc_h5(root: str | Path, n_patients: int = 4, seed: int = 0, size: Se
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
     """
-    import h5py
-
-    root = _prepare_root(root)
+    root = prepare_root(root)
     for i in _patient_ids(n_patients, first_id):
         rng = np.random.default_rng(_subject_seed(seed, i) + 7)
         inplane = rng.uniform(1.4, 1.7)
@@ -819,10 +805,8 @@ def write_acdc_h5(root: str | Path, n_patients: int = 4, seed: int = 0, size: Se
             img = seq.frames[idx].astype(np.float32)
             img = np.clip(img, 0, np.percentile(img, 99))
             img = (img - img.min()) / max(float(img.max() - img.min()), 1e-8)
-            path = _new_file(root / f"patient{i:03d}_frame{idx + 1:02d}.h5", overwrite)
-            with h5py.File(path, "w") as f:
-                f.create_dataset("image", data=img.astype(np.float32), compression="gzip")
-                f.create_dataset("label", data=seq.labels[idx], compression="gzip")
+            write_acdc_h5_frame(root, f"patient{i:03d}", idx + 1, img.astype(np.float32), seq.labels[idx],
+                                overwrite=overwrite)
     return root
 
 
@@ -839,11 +823,8 @@ def write_camus(root: str | Path, n_patients: int = 4, seed: int = 0, size: Sequ
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
     """
-    root = _prepare_root(root)
+    root = prepare_root(root)
     for i in _patient_ids(n_patients, first_id):
-        pid = f"patient{i:04d}"
-        d = root / pid
-        d.mkdir(exist_ok=True)
         rng = np.random.default_rng(_subject_seed(seed, i) + 11)
         sex, age = str(rng.choice(["F", "M"])), int(rng.integers(20, 90))
         for v, view in enumerate(("2CH", "4CH")):
@@ -852,19 +833,16 @@ def write_camus(root: str | Path, n_patients: int = 4, seed: int = 0, size: Sequ
                                spacing=(sp, sp))
             frames = np.round(seq.frames * 255.0).astype(np.uint8)
             zooms = (seq.spacing[1], seq.spacing[0])
-            for name, idx in (("ED", seq.ed), ("ES", seq.es)):
-                _save_nifti(d / f"{pid}_{view}_{name}.nii.gz", frames[idx].T, zooms, overwrite)
-                _save_nifti(d / f"{pid}_{view}_{name}_gt.nii.gz", seq.labels[idx].T, zooms, overwrite)
-            if half_sequence:
-                _save_nifti(d / f"{pid}_{view}_half_sequence.nii.gz", frames.transpose(2, 1, 0), (*zooms, 1.0),
-                            overwrite)
+            phases = [(name, _nifti(frames[idx].T, zooms), _nifti(seq.labels[idx].T, zooms))
+                      for name, idx in (("ED", seq.ed), ("ES", seq.es))]
+            extra = {"half_sequence": _nifti(frames.transpose(2, 1, 0), (*zooms, 1.0))} if half_sequence else {}
             ed_area = float((seq.labels[seq.ed] == 1).sum())
             es_area = float((seq.labels[seq.es] == 1).sum())
             ef = 100.0 * (1.0 - (es_area / max(ed_area, 1.0)) ** 1.5)
             cfg = (f"ED: {seq.ed + 1}\nES: {seq.es + 1}\nNbFrame: {seq.n_frames}\nSex: {sex}\nAge: {age}\n"
                    f"ImageQuality: {rng.choice(['Good', 'Medium', 'Poor'])}\nEF: {ef:.1f}\n"
                    f"FrameRate: {rng.uniform(30, 60):.1f}\n")
-            _new_file(d / f"Info_{view}.cfg", overwrite).write_text(cfg)
+            write_camus_view(root, f"patient{i:04d}", view, phases, cfg, extra, overwrite=overwrite)
     return root
 
 

@@ -1,7 +1,8 @@
-"""Registration models with one interface (:class:`RegistrationModel`) and :func:`build`.
+"""Registration models with one interface (:class:`RegistrationModel`), the deformation generator DRDM
+(:class:`DeformationGenerator`), :func:`build` and :func:`is_generator`.
 
 ``from diffreg.models import VoxelMorph`` — each paper's model lives in one file of this package and reads top to
-bottom like the paper's method section.
+bottom like the paper's method section. The interfaces are in :mod:`diffreg.models.base` (chapters 02 and 08).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffreg.config import MethodConfig, get_config
-from diffreg.models.base import RegistrationModel, RegistrationResult
+from diffreg.models.base import BaseModel, DeformationGenerator, RegistrationModel, RegistrationResult
 from diffreg.models.classical import ANTsSyN
 from diffreg.models.diffusemorph import DiffuseMorph
 from diffreg.models.diffusereg import DiffuseReg
@@ -19,12 +20,13 @@ from diffreg.models.ldm_morph import LDMMorph
 from diffreg.models.voxelmorph import VoxelMorph, VoxelMorphDiff
 
 __all__ = [
-    "RegistrationModel", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff", "DiffuseMorph", "DiffuseReg",
-    "FSDiffReg", "LDMMorph", "DRDM", "ANTsSyN", "build", "MODELS",
+    "BaseModel", "RegistrationModel", "DeformationGenerator", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff",
+    "DiffuseMorph", "DiffuseReg",
+    "FSDiffReg", "LDMMorph", "DRDM", "ANTsSyN", "build", "is_generator", "MODELS",
 ]
 
-#: registry name -> model class
-MODELS: dict[str, type[RegistrationModel]] = {
+#: registry name -> model class (a :class:`RegistrationModel` or a :class:`DeformationGenerator`)
+MODELS: dict[str, type[BaseModel]] = {
     "voxelmorph": VoxelMorph,
     "voxelmorph-diff": VoxelMorphDiff,
     "diffusemorph": DiffuseMorph,
@@ -35,7 +37,7 @@ MODELS: dict[str, type[RegistrationModel]] = {
 }
 
 
-def build(name: str | MethodConfig, profile: str = "quick", dims: int | None = None, **overrides: Any) -> RegistrationModel:
+def build(name: str | MethodConfig, profile: str = "quick", dims: int | None = None, **overrides: Any) -> BaseModel:
     """Build a model from its profile.
 
     Args:
@@ -56,3 +58,18 @@ def build(name: str | MethodConfig, profile: str = "quick", dims: int | None = N
         raise ValueError(f"unknown model {cfg.method!r}; known: {', '.join(sorted(MODELS))}")
     kwargs = {**cfg.model, **overrides}
     return MODELS[cfg.method](dims=cfg.data.dims, **kwargs)
+
+
+def is_generator(method: str) -> bool:
+    """Whether ``method`` (a registry name of :data:`MODELS`) is a :class:`DeformationGenerator`, which draws
+    deformations of one image and registers no pairs (DRDM, chapters 08-09), asked of its class without building it.
+
+    Example:
+        >>> is_generator("drdm"), is_generator("voxelmorph"), is_generator("syn")
+        (True, False, False)
+
+    Returns:
+        ``False`` for registration models and for names outside :data:`MODELS` (e.g. ``"syn"``).
+    """
+    cls = MODELS.get(method)
+    return cls is not None and issubclass(cls, DeformationGenerator)

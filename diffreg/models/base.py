@@ -1,9 +1,8 @@
-"""The interface every registration model in :mod:`diffreg.models` implements (explained in chapter 02).
+"""The interfaces the models of :mod:`diffreg.models` implement (explained in chapter 02).
 
-* ``forward(moving, fixed) -> ddf``: the registration field, ``(B, ndim, *spatial)`` in voxels (pull convention:
-  ``warped(p) = moving(p + ddf(p))``);
+Every model (:class:`BaseModel`, what the trainer :mod:`diffreg.train` uses):
+
 * ``loss(batch) -> dict[str, Tensor]`` with a ``"total"`` key and every paper term by name;
-* ``register(moving, fixed, **options) -> RegistrationResult(ddf, warped, extras)``;
 * optionally ``stages(seed) -> list[Stage]``: networks trained before the main loop (DiffuseReg's teacher,
   LDM-Morph's autoencoder and latent U-Net), which :func:`diffreg.train.fit` trains like the main loop (checkpoints,
   resume, AMP, DDP) in sub-folders of the run; the class attribute ``stage_budgets`` names the configuration keys of
@@ -11,8 +10,24 @@
 * optionally ``prepare(data, out, device, progress, seed)``: work that trains nothing, done once before the main loop
   (e.g. data statistics).
 
-The trainer (:mod:`diffreg.train`), the evaluator (:mod:`diffreg.evaluate`) and the benchmark only use this
-interface. Explained in chapter 02 (``notebooks/02_voxelmorph.md``).
+A **registration model** (:class:`RegistrationModel`; explained in chapter 02, ``notebooks/02_voxelmorph.md``)
+registers pairs:
+
+* ``forward(moving, fixed) -> ddf``: the registration field, ``(B, ndim, *spatial)`` in voxels (pull convention:
+  ``warped(p) = moving(p + ddf(p))``);
+* ``register(moving, fixed, **options) -> RegistrationResult(ddf, warped, extras)``.
+
+The evaluator (:mod:`diffreg.evaluate`), the benchmark and :mod:`diffreg.apply` only use this interface.
+
+A **deformation generator** (:class:`DeformationGenerator`; DRDM, explained in chapter 08,
+``notebooks/08_drdm.md``) registers no pairs: it draws a random, plausible deformation of one image,
+
+* ``deform(image, level, generator) -> (ddf, deformed)`` with ``level`` in ``0 ... max_level`` (the size of the
+  deformation), and ``deform_labels(labels, ddf)``.
+
+Its uses are downstream (data synthesis, :mod:`diffreg.synthesize`; chapter 09). The evaluator, the benchmark and
+:mod:`diffreg.apply` refuse generators; ask :func:`diffreg.models.is_generator` (by method name, without building
+the model) or ``isinstance(model, DeformationGenerator)``.
 """
 
 from __future__ import annotations
@@ -26,7 +41,8 @@ from torch import nn
 
 from diffreg.spatial import warp
 
-__all__ = ["RegistrationResult", "RegistrationModel", "Stage", "StageBudget", "check_pair"]
+__all__ = ["RegistrationResult", "BaseModel", "RegistrationModel", "DeformationGenerator", "Stage", "StageBudget",
+           "check_pair"]
 
 
 @dataclass
@@ -102,8 +118,9 @@ def check_pair(moving: torch.Tensor, fixed: torch.Tensor, dims: int) -> None:
         raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
 
 
-class RegistrationModel(nn.Module):
-    """Base class: subclasses set ``self.dims`` and implement :meth:`forward` and :meth:`loss`."""
+class BaseModel(nn.Module):
+    """What every model of :mod:`diffreg.models` has for the trainer: ``dims`` (2 or 3, set by subclasses),
+    :meth:`loss`, :meth:`stages`, :meth:`prepare`, :attr:`device` and :meth:`num_parameters`."""
 
     dims: int = 2
 
@@ -140,13 +157,6 @@ class RegistrationModel(nn.Module):
         Parameters frozen here are left out of the optimizer. The default does nothing.
         """
 
-    @torch.no_grad()
-    def register(self, moving: torch.Tensor, fixed: torch.Tensor, **options: Any) -> RegistrationResult:
-        """Register ``moving`` to ``fixed`` (both ``(B, 1, *spatial)``); the default runs :meth:`forward`."""
-        check_pair(moving, fixed, self.dims)
-        ddf = self(moving, fixed, **options)
-        return RegistrationResult(ddf=ddf, warped=warp(moving, ddf), extras={})
-
     @property
     def device(self) -> torch.device:
         """The device of the model's parameters."""
@@ -155,3 +165,58 @@ class RegistrationModel(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class RegistrationModel(BaseModel):
+    """Base class of registration models: subclasses set ``self.dims`` and implement :meth:`forward` and
+    :meth:`loss`. Explained in chapter 02."""
+
+    @torch.no_grad()
+    def register(self, moving: torch.Tensor, fixed: torch.Tensor, **options: Any) -> RegistrationResult:
+        """Register ``moving`` to ``fixed`` (both ``(B, 1, *spatial)``); the default runs :meth:`forward`."""
+        check_pair(moving, fixed, self.dims)
+        ddf = self(moving, fixed, **options)
+        return RegistrationResult(ddf=ddf, warped=warp(moving, ddf), extras={})
+
+
+class DeformationGenerator(BaseModel):
+    """Base class of deformation generators: models that draw random, plausible deformations of one image and
+    register no pairs (DRDM, chapter 08). Subclasses set ``self.dims`` and implement :meth:`loss`, :meth:`deform`
+    and :attr:`max_level`.
+
+    The class attributes name the generator in messages: :attr:`level_symbol`, the paper's symbol of the
+    deformation level (in labels such as ``T'=30``), and :attr:`downstream`, where its use is evaluated instead of a
+    registration benchmark.
+    """
+
+    #: the size ``H x W (x D)`` the generator draws its fields at (``None``: the image's own size); :meth:`deform`
+    #: resizes an image of another size to it and the field back to the image's size
+    work_size: tuple[int, ...] | None = None
+    #: the paper's symbol of the deformation level of :meth:`deform`
+    level_symbol: str = "level"
+    #: where the generator's use is evaluated instead of a registration benchmark (a sentence, or ``""``)
+    downstream: str = ""
+
+    @property
+    def max_level(self) -> int:  # pragma: no cover - abstract
+        """The largest deformation level :meth:`deform` accepts (levels ``0 ... max_level``; 0: no deformation)."""
+        raise NotImplementedError
+
+    def deform(self, image: torch.Tensor, level: int, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """A random deformation of ``image`` ``(B, C, *spatial)`` whose size grows with ``level``: ``(ddf,
+        deformed)``, ``ddf`` ``(B, dims, *spatial)`` in voxels (pull convention), ``deformed = warp(image, ddf)``;
+        the same ``generator`` state gives the same field."""
+        raise NotImplementedError
+
+    @staticmethod
+    def deform_labels(labels: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """Warp integer label maps ``(B, 1, *spatial)`` by ``ddf`` ``(B, dims, *spatial)`` (voxels) with nearest
+        interpolation: every output value is one of the input's labels (DRDM Alg. 3, chapter 09)."""
+        return warp(labels, ddf, mode="nearest")
+
+    @classmethod
+    def refusal(cls) -> str:
+        """Why this generator cannot register pairs, in the words the evaluator, the benchmark, :mod:`diffreg.apply`
+        and the command line give."""
+        return f"{cls.__name__} generates deformations of one image and does not register pairs"

@@ -40,9 +40,10 @@ Method, top to bottom (paper sec. 2):
 6. **Instance deformation** (Alg. 2, :meth:`DRDM.deform`): sample ``psi_{T':1}`` (``T' <= T`` sets the magnitude),
    then for ``t = T', ..., 1``: ``phi <- psi_hat_t o phi`` and ``I_hat_{t-1} = phi(I_0)`` (each image is resampled
    once from ``I_0``, sec. 2.2.1, so it never blurs).
-7. **Data synthesis** (Alg. 3, 4, :meth:`DRDM.deform_labels`, :meth:`DRDM.synthesize_pairs`): deformed images with
-   their labels (few-shot segmentation), and pairs ``(moving, fixed, ddf)`` with ``fixed = warp(moving, ddf)``
-   for supervised registration pre-training.
+7. **Data synthesis** (Alg. 3, 4, :meth:`DRDM.deform_labels` of
+   :class:`~diffreg.models.base.DeformationGenerator`, :meth:`DRDM.synthesize_pairs`): deformed images with their
+   labels (few-shot segmentation; a whole dataset on disk: :func:`diffreg.synthesize.synthesize_dataset`), and
+   pairs ``(moving, fixed, ddf)`` with ``fixed = warp(moving, ddf)`` for supervised registration pre-training.
 
 Deviations and choices (each also in the box of chapter 08; the downstream experiments' in that of chapter 09):
 
@@ -92,10 +93,13 @@ Deviations and choices (each also in the box of chapter 08; the downstream exper
   (32 x 32 for 64 x 64 images; canvas 64, control grid 32, 16, 8) and its fields are resized to the data size
   (the paper resizes generated fields to the downstream size, sec. 3.2, but its experiments use one size); a narrower
   recovery network (widths 8, 16, 32: 282,513 parameters in 2D); lr 1e-3 and 600 steps of 2 pairs.
-* **Not a pair registration model**: :meth:`DRDM.loss` trains on ``batch["moving"]`` and ``batch["fixed"]`` as two
-  independent images, so ``python -m diffreg train --method drdm`` works on every pair dataset;
-  :meth:`DRDM.forward` is the recovery network ``D_theta(I, t)`` (eq. 12), and :meth:`DRDM.register` raises
-  ``NotImplementedError`` (use :meth:`DRDM.synthesize_pairs` to train a registration model, chapter 09).
+* **Not a pair registration model**: DRDM is a :class:`~diffreg.models.base.DeformationGenerator`, not a
+  :class:`~diffreg.models.base.RegistrationModel`. :meth:`DRDM.loss` trains on ``batch["moving"]`` and
+  ``batch["fixed"]`` as two independent images, so ``python -m diffreg train --method drdm`` works on every pair
+  dataset; :meth:`DRDM.forward` is the recovery network ``D_theta(I, t)`` (eq. 12), and there is no ``register``
+  (the evaluator, the benchmark and ``python -m diffreg register`` refuse DRDM runs; use
+  :meth:`DRDM.synthesize_pairs` to train a registration model, or :func:`diffreg.synthesize.synthesize_dataset`
+  to write a deformed copy of a dataset, chapter 09).
 * **Alg. 4, line 9** writes the fixed image as ``<phi_syn o phi_syn>(I_0)``, a typo: :meth:`DRDM.synthesize_pairs`
   warps ``I_0`` by ``phi_syn o phi_aug``.
 * **Downstream experiments** (chapter 09's code, not this module; listed in its box): 2D phantom slices instead of
@@ -118,7 +122,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +129,7 @@ from torch import Tensor, nn
 
 from diffreg import losses
 from diffreg.metrics import jacobian_determinant
-from diffreg.models.base import RegistrationModel
+from diffreg.models.base import DeformationGenerator
 from diffreg.spatial import compose, float32, resize_field, warp
 
 __all__ = [
@@ -374,10 +377,12 @@ def regularisation_loss(psi_hat: Tensor) -> Tensor:
 # The model
 # ----------------------------------------------------------------------------------------------------------------
 
-class DRDM(RegistrationModel):
+class DRDM(DeformationGenerator):
     """Deformation-Recovery Diffusion Model: random deformation diffusion + a learned recovery network.
 
-    Explained in chapters 08 and 09. See the module docstring for the method, equations and deviations.
+    Explained in chapters 08 and 09. See the module docstring for the method, equations and deviations. A
+    :class:`~diffreg.models.base.DeformationGenerator`: :meth:`deform` takes levels ``T'`` in ``0 ... T``
+    (:attr:`max_level` is ``T``); it registers no pairs.
 
     Args:
         dims: 2 or 3.
@@ -408,6 +413,8 @@ class DRDM(RegistrationModel):
     """
 
     _CHUNK = 16  # unit DVFs sampled per call in the forward process
+    level_symbol = "T'"
+    downstream = "chapter 09 evaluates it downstream, through VoxelMorph trained on DRDM pairs."
 
     def __init__(
         self,
@@ -466,6 +473,11 @@ class DRDM(RegistrationModel):
         return (f"dims={self.dims}, T={self.timesteps}, K={self.recursions}, sigma={self.sigma}, "
                 f"scales={self.scales}, canvas={self.canvas}, control_spacing={self.control_spacing}, "
                 f"work_size={self.work_size}, fields={self.fields!r}")
+
+    @property
+    def max_level(self) -> int:
+        """The largest level ``T'`` of :meth:`deform`: ``T`` (:attr:`timesteps`)."""
+        return self.timesteps
 
     def _to_work(self, image: Tensor) -> Tensor:
         """Resize an image to :attr:`work_size` (identity when unset or equal)."""
@@ -716,12 +728,6 @@ class DRDM(RegistrationModel):
         deformed = warp(image, phi)
         return (phi, deformed, traj) if return_trajectory else (phi, deformed)
 
-    @staticmethod
-    def deform_labels(labels: Tensor, ddf: Tensor) -> Tensor:
-        """Warp integer label maps ``(B, 1, *spatial)`` with nearest interpolation (Alg. 3): every output value is
-        one of the input's labels."""
-        return warp(labels, ddf, mode="nearest")
-
     @torch.no_grad()
     def synthesize_pairs(self, images: Tensor, levels: Sequence[tuple[int, int]], labels: Tensor | None = None,
                          generator: torch.Generator | None = None) -> list[dict[str, Tensor]]:
@@ -754,13 +760,3 @@ class DRDM(RegistrationModel):
                 item["fixed_label"] = self.deform_labels(labels, total)
             out.append(item)
         return out
-
-    def register(self, moving: Tensor, fixed: Tensor, **options: Any):  # type: ignore[override]
-        """Not available: DRDM generates deformations of one image; it does not register pairs.
-
-        Raises:
-            NotImplementedError: always. Train a registration model on :meth:`synthesize_pairs` (chapter 09).
-        """
-        raise NotImplementedError(
-            "DRDM is a generative model of deformations, not a pair registration model: use deform(), "
-            "deform_labels() and synthesize_pairs() (chapter 09 trains VoxelMorph on DRDM pairs).")

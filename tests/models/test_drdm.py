@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffreg.config import get_config
-from diffreg.models import DRDM, MODELS, build
+from diffreg.models import DRDM, MODELS, DeformationGenerator, RegistrationModel, build, is_generator
 from diffreg.models.drdm import (
     _grid_compose,
     angle_loss,
@@ -245,8 +245,20 @@ def test_labels_stay_in_label_set_and_pairs():
         assert (warp(p["moving"], p["ddf"]) - p["fixed"])[inner].abs().max() < 0.1
         assert set(p["fixed_label"].unique().tolist()) <= {0, 1, 3}
     assert torch.allclose(pairs[1]["moving"], image)  # T_aug = 0: the moving image is the source
-    with pytest.raises(NotImplementedError):
-        model.register(image, image)
+
+
+def test_drdm_is_a_deformation_generator_not_a_registration_model():
+    # the rest of the package asks the interface (is_generator, isinstance) instead of comparing names
+    model = DRDM(**SMALL).eval()
+    assert isinstance(model, DeformationGenerator) and not isinstance(model, RegistrationModel)
+    assert not hasattr(model, "register")
+    assert is_generator("drdm") and not is_generator("voxelmorph") and not is_generator("syn")
+    assert [m for m in MODELS if is_generator(m)] == ["drdm"]
+    assert model.max_level == model.timesteps == 80 and model.level_symbol == "T'"
+    assert DRDM.refusal() == "DRDM generates deformations of one image and does not register pairs"
+    image = _blob((32, 32))
+    ddf, deformed = model.deform(image, 3, generator=torch.Generator().manual_seed(0))
+    assert ddf.shape == (1, 2, 32, 32) and torch.allclose(deformed, warp(image, ddf))
 
 
 def test_training_reduces_the_recovery_loss(seed, claims):
