@@ -528,6 +528,120 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+#: what the outputs of :func:`register_files` mean (written into ``metrics.json``)
+CONVENTIONS = {
+    "displacement": "displacement.nii.gz: ITK displacement field (vector NIfTI), world LPS mm; the moving "
+                    "image sampled at x + d(x) is the warped image (SimpleITK DisplacementFieldTransform, "
+                    "ANTs antsApplyTransforms)",
+    "jacobian": "det of the world-space Jacobian of x -> x + d(x) = det(I + grad v) of the voxel field on the "
+                "fixed grid; folding_percent = 100 x fraction with det <= 0, sdlogj = SD of log(max(det, "
+                "1e-9)), jacobian_std = SD of det, over the fixed grid",
+    "dice": "per label value, their mean and the foreground (all labels > 0); dice_initial: the moving label "
+            "on the fixed grid without deformation",
+}
+
+
+def _read_inputs(moving: Path, fixed: Path, moving_label: Path | None, fixed_label: Path | None, dims: int,
+                 run_name: str) -> tuple[Any, Any, Any, Any, tuple[int, ...]]:
+    """The images and labels of :func:`register_files` through the checked reader: ``(moving, fixed, moving label,
+    fixed label, the fixed image's plane axes)`` as SimpleITK images (labels ``None`` when not given)."""
+    fixed_file, moving_file = _read(fixed), _read(moving)
+    fimg, mimg = fixed_file.itk, moving_file.itk
+    faxes = _plane_axes(fimg, fixed, dims, run_name, "fixed")
+    _plane_axes(mimg, moving, dims, run_name, "moving")
+    if mimg.GetDimension() != fimg.GetDimension():
+        raise ValueError(f"moving {moving} is {mimg.GetDimension()}D and fixed {fixed} is {fimg.GetDimension()}D: "
+                         "give both images with the same number of dimensions")
+    labels = []
+    for path, image in ((moving_label, moving_file), (fixed_label, fixed_file)):
+        label_file = _read(path, "label") if path is not None else None
+        if label_file is not None:
+            check_label_grid(image, label_file)
+        labels.append(label_file.itk if label_file is not None else None)
+    return mimg, fimg, labels[0], labels[1], faxes
+
+
+def _warp_label(mlab: Any, flab: Any, mimg: Any, q: np.ndarray, q0: np.ndarray, shape: tuple[int, ...],
+                world: np.ndarray, disp: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """The moving label warped onto the fixed grid (nearest), and the Dice reports after (``dice``) and before
+    (``dice_initial``) registration when the fixed label is given."""
+    sitk = _sitk()
+    ml_arr = sitk.GetArrayFromImage(mlab)
+    qlab = q if _same_grid(mlab, mimg) else _index_coords(mlab, shape, world + disp)
+    warped_label = np.rint(_sample(ml_arr.astype(np.float32), qlab, order=0)).astype(np.int64)
+    reports: dict[str, Any] = {}
+    if flab is not None:
+        fl_arr = sitk.GetArrayFromImage(flab).astype(np.int64)
+        q0lab = q0 if _same_grid(mlab, mimg) else _index_coords(mlab, shape, world)
+        initial = np.rint(_sample(ml_arr.astype(np.float32), q0lab, order=0)).astype(np.int64)
+        reports = {"dice": _dice_report(warped_label, fl_arr), "dice_initial": _dice_report(initial, fl_arr)}
+    return warped_label, reports
+
+
+def _output_images(fimg: Any, warped: np.ndarray, warped_label: np.ndarray | None, disp: np.ndarray,
+                   jac: np.ndarray) -> dict[str, Any]:
+    """The SimpleITK images of :func:`register_files` on the fixed grid: warped image, warped label (the smallest
+    unsigned type that holds it), displacement (world LPS mm, ``disp`` is ``(n, *shape)``) and Jacobian."""
+    sitk = _sitk()
+    images: dict[str, Any] = {}
+    wimg = sitk.GetImageFromArray(warped)
+    wimg.CopyInformation(fimg)
+    images["warped"] = wimg
+    if warped_label is not None:
+        top = int(warped_label.max()) if warped_label.size else 0
+        ltype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32
+        limg = sitk.GetImageFromArray(warped_label.astype(ltype))
+        limg.CopyInformation(fimg)
+        images["warped_label"] = limg
+    n, shape = disp.shape[0], disp.shape[1:]
+    vectors = np.moveaxis(disp, 0, -1).astype(np.float64)
+    single = [i for i, s in enumerate(shape) if s == 1]
+    if n == 3 and single:  # ITK's NIfTI reader drops an axis of size 1 from vector images: repeat the slice
+        vectors = np.concatenate([vectors, vectors], axis=single[0])
+    dimg = sitk.GetImageFromArray(vectors, isVector=True)
+    dimg.SetOrigin(fimg.GetOrigin())
+    dimg.SetSpacing(fimg.GetSpacing())
+    dimg.SetDirection(fimg.GetDirection())
+    images["displacement"] = dimg
+    jimg = sitk.GetImageFromArray(jac)
+    jimg.CopyInformation(fimg)
+    images["jacobian"] = jimg
+    return images
+
+
+def _write_outputs(out: Path, images: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Path]:
+    """Write the images (compressed) and ``metrics.json`` into ``out``; returns their paths by key."""
+    sitk = _sitk()
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for key, img in images.items():
+        paths[key] = out / OUTPUT_FILES[key]
+        sitk.WriteImage(img, str(paths[key]), True)
+    paths["metrics"] = out / OUTPUT_FILES["metrics"]
+    paths["metrics"].write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
+    return paths
+
+
+def _network_pair(mimg: Any, fimg: Any, m_arr: np.ndarray, plane_shape: tuple[int, ...], faxes: tuple[int, ...],
+                  prep: "Preprocessing") -> tuple[np.ndarray, np.ndarray, GridMap]:
+    """The network's moving and fixed images: the moving image resampled onto the fixed grid in world space
+    (linear, the identity transform; the moving minimum outside it), then both preprocessed as the run's training
+    data (:meth:`Preprocessing.apply`); with the map between the fixed grid's plane and the network grid."""
+    sitk = _sitk()
+    if _same_grid(mimg, fimg):
+        mf_arr = m_arr
+    else:
+        mf = sitk.Resample(sitk.Cast(mimg, sitk.sitkFloat32), fimg, sitk.Transform(), sitk.sitkLinear,
+                           float(m_arr.min()), sitk.sitkFloat32)
+        mf_arr = sitk.GetArrayFromImage(mf)
+    f_arr = sitk.GetArrayFromImage(fimg).astype(np.float32)
+    spacing_arr = tuple(float(s) for s in fimg.GetSpacing()[::-1])
+    plane_spacing = tuple(spacing_arr[i] for i in faxes)
+    net_f, grid = prep.apply(f_arr.reshape(plane_shape), plane_spacing)
+    net_m, _ = prep.apply(mf_arr.reshape(plane_shape), plane_spacing)
+    return net_m, net_f, grid
+
+
 def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLike, out: PathLike | None = None,
                    moving_label: PathLike | None = None, fixed_label: PathLike | None = None,
                    device: str | torch.device | None = None, **options: Any) -> RegisteredFiles:
@@ -577,22 +691,7 @@ def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLik
         out = Path(out)
         _check_out(out, inputs)
 
-    fixed_file, moving_file = _read(fixed), _read(moving)
-    fimg, mimg = fixed_file.itk, moving_file.itk
-    faxes = _plane_axes(fimg, fixed, dims, r.name, "fixed")
-    _plane_axes(mimg, moving, dims, r.name, "moving")
-    if mimg.GetDimension() != fimg.GetDimension():
-        raise ValueError(f"moving {moving} is {mimg.GetDimension()}D and fixed {fixed} is {fimg.GetDimension()}D: "
-                         "give both images with the same number of dimensions")
-    mlab = flab = None
-    if moving_label is not None:
-        label_file = _read(moving_label, "label")
-        check_label_grid(moving_file, label_file)
-        mlab = label_file.itk
-    if fixed_label is not None:
-        label_file = _read(fixed_label, "label")
-        check_label_grid(fixed_file, label_file)
-        flab = label_file.itk
+    mimg, fimg, mlab, flab, faxes = _read_inputs(moving, fixed, moving_label, fixed_label, dims, r.name)
 
     n = fimg.GetDimension()
     shape = tuple(fimg.GetSize()[::-1])  # array order
@@ -610,18 +709,8 @@ def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLik
 
     # 2. moving resampled onto the fixed grid (world space, identity transform), then both preprocessed identically
     m_arr = sitk.GetArrayFromImage(mimg).astype(np.float32)
-    if _same_grid(mimg, fimg):
-        mf_arr = m_arr
-    else:
-        mf = sitk.Resample(sitk.Cast(mimg, sitk.sitkFloat32), fimg, sitk.Transform(), sitk.sitkLinear,
-                           float(m_arr.min()), sitk.sitkFloat32)
-        mf_arr = sitk.GetArrayFromImage(mf)
-    f_arr = sitk.GetArrayFromImage(fimg).astype(np.float32)
     plane_shape = tuple(shape[i] for i in faxes)
-    spacing_arr = tuple(float(s) for s in fimg.GetSpacing()[::-1])
-    plane_spacing = tuple(spacing_arr[i] for i in faxes)
-    net_f, grid = prep.apply(f_arr.reshape(plane_shape), plane_spacing)
-    net_m, _ = prep.apply(mf_arr.reshape(plane_shape), plane_spacing)
+    net_m, net_f, grid = _network_pair(mimg, fimg, m_arr, plane_shape, faxes, prep)
 
     # 3. the network's field, in network voxels
     from diffreg.evaluate import timed_register
@@ -666,61 +755,15 @@ def register_files(run: PathLike | Run | tuple, moving: PathLike, fixed: PathLik
         "overlap_percent": 100.0 * overlap,
         **{k: float(v[0]) for k, v in jacobian_statistics(det).items()},
         "displacement_mm": {"mean": float(norms.mean()), "max": float(norms.max())},
-        "conventions": {
-            "displacement": "displacement.nii.gz: ITK displacement field (vector NIfTI), world LPS mm; the moving "
-                            "image sampled at x + d(x) is the warped image (SimpleITK DisplacementFieldTransform, "
-                            "ANTs antsApplyTransforms)",
-            "jacobian": "det of the world-space Jacobian of x -> x + d(x) = det(I + grad v) of the voxel field on the "
-                        "fixed grid; folding_percent = 100 x fraction with det <= 0, sdlogj = SD of log(max(det, "
-                        "1e-9)), jacobian_std = SD of det, over the fixed grid",
-            "dice": "per label value, their mean and the foreground (all labels > 0); dice_initial: the moving label "
-                    "on the fixed grid without deformation",
-        },
+        "conventions": dict(CONVENTIONS),
     }
     warped_label = None
     if mlab is not None:
-        ml_arr = sitk.GetArrayFromImage(mlab)
-        qlab = q if _same_grid(mlab, mimg) else _index_coords(mlab, shape, world + disp)
-        warped_label = np.rint(_sample(ml_arr.astype(np.float32), qlab, order=0)).astype(np.int64)
-        if flab is not None:
-            fl_arr = sitk.GetArrayFromImage(flab).astype(np.int64)
-            q0lab = q0 if _same_grid(mlab, mimg) else _index_coords(mlab, shape, world)
-            initial = np.rint(_sample(ml_arr.astype(np.float32), q0lab, order=0)).astype(np.int64)
-            metrics["dice"] = _dice_report(warped_label, fl_arr)
-            metrics["dice_initial"] = _dice_report(initial, fl_arr)
-
-    images: dict[str, Any] = {}
-    wimg = sitk.GetImageFromArray(warped)
-    wimg.CopyInformation(fimg)
-    images["warped"] = wimg
-    if warped_label is not None:
-        top = int(warped_label.max()) if warped_label.size else 0
-        ltype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32
-        limg = sitk.GetImageFromArray(warped_label.astype(ltype))
-        limg.CopyInformation(fimg)
-        images["warped_label"] = limg
-    vectors = np.moveaxis(disp.reshape((n, *shape)), 0, -1).astype(np.float64)
-    single = [i for i, s in enumerate(shape) if s == 1]
-    if n == 3 and single:  # ITK's NIfTI reader drops an axis of size 1 from vector images: repeat the slice
-        vectors = np.concatenate([vectors, vectors], axis=single[0])
-    dimg = sitk.GetImageFromArray(vectors, isVector=True)
-    dimg.SetOrigin(fimg.GetOrigin())
-    dimg.SetSpacing(fimg.GetSpacing())
-    dimg.SetDirection(fimg.GetDirection())
-    images["displacement"] = dimg
-    jimg = sitk.GetImageFromArray(jac)
-    jimg.CopyInformation(fimg)
-    images["jacobian"] = jimg
-
-    paths: dict[str, Path] = {}
+        warped_label, dice_reports = _warp_label(mlab, flab, mimg, q, q0, shape, world, disp)
+        metrics.update(dice_reports)
+    images = _output_images(fimg, warped, warped_label, disp.reshape((n, *shape)), jac)
     metrics["seconds"] = time.perf_counter() - t_start
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for key, img in images.items():
-            paths[key] = out / OUTPUT_FILES[key]
-            sitk.WriteImage(img, str(paths[key]), True)
-        paths["metrics"] = out / OUTPUT_FILES["metrics"]
-        paths["metrics"].write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
+    paths = _write_outputs(out, images, metrics) if out is not None else {}
     return RegisteredFiles(
         out=out, paths=paths, metrics=_jsonable(metrics),
         displacement=torch.from_numpy(disp.reshape((n, *shape))),

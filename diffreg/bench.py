@@ -419,6 +419,58 @@ def _method_options(options: Mapping[str, Mapping[str, Any]] | Sequence[str] | N
     return {k: dict(v) for k, v in (options or {}).items()}
 
 
+def _method_budget(name: str, profile: str, data_cfg: DataConfig, steps: int | Mapping[str, int] | None,
+                   limits: tuple[str, float] | None, amp: bool, dev: torch.device, curve_every: int | None,
+                   curve_pairs: int, options: dict[str, Any]) -> tuple[int | None, float | None, dict | None]:
+    """``(steps, max_seconds, curve)`` of one learned method in :func:`run_bench`: ``steps=N`` pairs become
+    ``ceil(N / batch)`` steps; ``seconds=S`` becomes a wall-clock cap and the steps one training step (timed here
+    with :func:`diffreg.speed.measure_speed`) fits into it; the learning curve's step interval from its pairs."""
+    n_steps = steps.get(name) if isinstance(steps, Mapping) else steps
+    batch = get_config(name, profile, data_cfg.dims).train.batch_size
+    max_seconds = None
+    if limits is not None and limits[0] == "steps":
+        n_steps = math.ceil(limits[1] / batch)
+    elif limits is not None:
+        from diffreg.speed import measure_speed
+
+        timing = measure_speed(name, profile, data_cfg.dims, steps=3, amp=amp, device=dev, size=data_cfg.size,
+                               inference=False)
+        max_seconds = float(limits[1])
+        n_steps = max(1, int(max_seconds / float(timing["train_s_per_step"])))
+    curve = None
+    if curve_every is not None:
+        curve = {"every": max(1, math.ceil(int(curve_every) / batch)), "pairs": int(curve_pairs), "options": options}
+    return n_steps, max_seconds, curve
+
+
+def _bench_outputs(tables: dict[str, Table], info: dict[str, dict[str, Any]], skipped: dict[str, str],
+                   examples: dict[str, Any], context: dict[str, Any], out: Path, names: list[str],
+                   figures: bool) -> tuple[Table, Table, Table, dict[str, Path], dict[str, Any]]:
+    """Write what :func:`run_bench` reports into ``out``: ``results.csv``, ``curves.csv`` (when learning curves
+    were logged), ``examples.pt``, ``summary.md`` (against :data:`REFERENCE`, or the first method) and the figures;
+    returns ``(results, summary, curves, paths, figures)``. ``context["reference"]`` is set here."""
+    results = Table({"method": name, **row} for name, table in tables.items() for row in table)
+    paths = {"results": results.to_csv(out / "results.csv")}
+    curves = learning_curves({name: meta for name, meta in info.items() if meta.get("config") is not None})
+    if len(curves):
+        paths["curves"] = curves.to_csv(out / "curves.csv")
+    reference = REFERENCE if REFERENCE in tables else names[0]
+    context["reference"] = reference
+    summary = compare(tables, reference=reference, columns=_summary_columns(tables))
+    torch.save(examples, out / "examples.pt")
+    paths["examples"] = out / "examples.pt"
+    paths["summary"] = out / "summary.md"
+    paths["summary"].write_text(_summary_markdown(summary, info, skipped, context))
+    figs: dict[str, Any] = {}
+    if figures:
+        figs = make_figures(tables, examples, out=out)
+        if len(curves):
+            figs["learning_curves"] = curves_figure(curves)
+            figs["learning_curves"].savefig(out / "learning_curves.png", dpi=110, bbox_inches="tight")
+        paths.update({k: out / f"{k}.png" for k in figs})
+    return results, summary, curves, paths, figs
+
+
 def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data: str = "phantom",
               runs: str | Path = "runs", out: str | Path = "bench", dims: int | None = None,
               limit: int | None = None, device: str | torch.device | None = None,
@@ -520,31 +572,15 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
             model: nn.Module = ANTsSyN(dims=data_cfg.dims)
             meta: dict[str, Any] = {"budget": "none: optimised per pair", "notes": [
                 "voxel units (spacing 1) like the learned methods; CPU"]}
-            eval_device = torch.device("cpu")
-            intensity = None
+            eval_device, intensity = torch.device("cpu"), None
         else:
             run_dir = Path(run_dirs[name]) if run_dirs and name in run_dirs else runs / name
-            n_steps = steps.get(name) if isinstance(steps, Mapping) else steps
-            batch = get_config(name, profile, data_cfg.dims).train.batch_size
-            max_seconds = None
-            if limits is not None and limits[0] == "steps":
-                n_steps = math.ceil(limits[1] / batch)
-            elif limits is not None:
-                from diffreg.speed import measure_speed
-
-                timing = measure_speed(name, profile, data_cfg.dims, steps=3, amp=amp, device=dev,
-                                       size=data_cfg.size, inference=False)
-                max_seconds = float(limits[1])
-                n_steps = max(1, int(max_seconds / float(timing["train_s_per_step"])))
-            curve = None
-            if curve_every is not None:
-                curve = {"every": max(1, math.ceil(int(curve_every) / batch)), "pairs": int(curve_pairs),
-                         "options": opts.get(name, {})}
+            n_steps, max_seconds, curve = _method_budget(name, profile, data_cfg, steps, limits, amp, dev,
+                                                         curve_every, curve_pairs, opts.get(name, {}))
             model, meta = _trained_model(name, profile, data_cfg, data, run_dir, n_steps, device, progress,
                                          amp=amp, stage_steps=stage_steps, max_seconds=max_seconds, curve=curve,
                                          seed=seed)
-            eval_device = dev
-            intensity = tuple(meta["config"].data.intensity)
+            eval_device, intensity = dev, tuple(meta["config"].data.intensity)
         view = test if intensity is None or intensity == tuple(test.intensity) else IntensityView(test, intensity)
         if view is not test:
             meta.setdefault("notes", []).append(f"images mapped linearly to {intensity}")
@@ -562,37 +598,18 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         info[name] = meta
         del model, rec
 
-    results = Table({"method": name, **row} for name, table in tables.items() for row in table)
-    paths = {"results": results.to_csv(out / "results.csv")}
-    curves = learning_curves({name: meta for name, meta in info.items() if meta.get("config") is not None})
-    if len(curves):
-        paths["curves"] = curves.to_csv(out / "curves.csv")
-    reference = REFERENCE if REFERENCE in tables else names[0]
-    columns = _summary_columns(tables)
-    summary = compare(tables, reference=reference, columns=columns)
-    examples = {"pair": {k: v for k, v in pair.items() if k in ("moving", "fixed", "moving_label", "fixed_label",
-                                                                   "case")},
-                "fields": fields, "labels": getattr(test, "labels", "acdc")}
-    torch.save(examples, out / "examples.pt")
-    paths["examples"] = out / "examples.pt"
     context = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": _device_text(dev), "data": data, "split": split, "pairs": n, "profile": profile,
-        "dims": data_cfg.dims, "size": tuple(data_cfg.size), "reference": reference,
-        "labels": getattr(test, "labels", "acdc"), "intensity": tuple(test.intensity),
-        "direction": getattr(test, "direction", None),
-        "minutes": (time.time() - started) / 60,
-        "budget": _budget_text(limits, info),
+        "dims": data_cfg.dims, "size": tuple(data_cfg.size), "labels": getattr(test, "labels", "acdc"),
+        "intensity": tuple(test.intensity), "direction": getattr(test, "direction", None),
+        "minutes": (time.time() - started) / 60, "budget": _budget_text(limits, info),
     }
-    paths["summary"] = out / "summary.md"
-    paths["summary"].write_text(_summary_markdown(summary, info, skipped, context))
-    figs: dict[str, Any] = {}
-    if figures:
-        figs = make_figures(tables, examples, out=out)
-        if len(curves):
-            figs["learning_curves"] = curves_figure(curves)
-            figs["learning_curves"].savefig(out / "learning_curves.png", dpi=110, bbox_inches="tight")
-        paths.update({k: out / f"{k}.png" for k in figs})
+    examples = {"pair": {k: v for k, v in pair.items() if k in ("moving", "fixed", "moving_label", "fixed_label",
+                                                                   "case")},
+                "fields": fields, "labels": getattr(test, "labels", "acdc")}
+    results, summary, curves, paths, figs = _bench_outputs(tables, info, skipped, examples, context, out, names,
+                                                            figures)
     return {"tables": tables, "results": results, "summary": summary, "methods": info, "skipped": skipped,
             "examples": examples, "paths": paths, "figures": figs, "context": context, "curves": curves}
 
