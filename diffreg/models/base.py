@@ -148,11 +148,11 @@ class BaseModel(nn.Module):
 
         Args:
             data: the training dataset.
-            out: the run directory; products are cached there (e.g. ``out / "stage1.pt"``) so a resumed run reuses
+            out: the run directory; products are cached there (e.g. ``out / "statistics.pt"``) so a resumed run reuses
                 them. ``None``: cache nothing.
             device: the training device.
             progress: show progress bars.
-            seed: the training run's seed (:class:`~diffreg.config.TrainConfig` ``seed``), for a stage that trains.
+            seed: the training run's seed (:class:`~diffreg.config.TrainConfig` ``seed``), for work that draws random numbers.
 
         Parameters frozen here are left out of the optimizer. The default does nothing.
         """
