@@ -136,7 +136,8 @@ def gather(work: Path) -> list[dict]:
     rows = []
     current = source_thresholds()
     files = {}
-    for f in sorted(work.glob("*/seed*/claims/*.json")):   # seed<s>-<tag> sorts after seed<s>: re-runs win
+    # a chapter's claims from the run that executed it last win (a tagged re-run replaces the full run's)
+    for f in sorted(work.glob("*/seed*/claims/*.json"), key=lambda f: f.stat().st_mtime):
         run = f.parents[1].name
         base = run if run.endswith("-unit") else run.split("-")[0]
         files[(f.parents[2].name, base, f.stem)] = f
