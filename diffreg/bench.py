@@ -74,7 +74,9 @@ CLASSICAL: dict[str, str] = {"syn": "ANTs SyN (antspyx), diffreg.models.classica
 SUMMARY_COLUMNS = ("dice_initial", "dice", "folding_percent", "jacobian_std", "sdlogj", "hd95", "epe_initial", "epe",
                    "seconds", "spread_mean", "spearman_spread_error")  # the last two: options samples=N (chapter 11)
 #: the order of "all": the reference, its diffeomorphic variant, then the book's chapters (others after, sorted)
-_ORDER = (REFERENCE, "voxelmorph-diff", "diffusemorph", "fsdiffreg", "diffusereg", "ldm-morph")
+_ORDER = (REFERENCE, "voxelmorph-diff", "diffusemorph", "fsdiffreg", "diffusereg", "ldm-morph", "corrmlp", "flowreg")
+#: methods beyond the book's five papers and their VoxelMorph baselines (left out of ``"papers"``)
+BEYOND_PAPERS = ("corrmlp", "flowreg")
 _AGGREGATE = {
     "acdc": "dice = flat mean of the LV, Myo, LV+Myo, RV and whole-heart Dice per pair (DiffuseMorph / FSDiffReg / "
             "DiffuseReg)",
@@ -92,8 +94,9 @@ def bench_methods(names: str | Sequence[str] = "all") -> tuple[list[str], dict[s
 
     ``"all"`` (alone or in a list) is every method of :func:`diffreg.config.methods` but those in :data:`SKIPPED`,
     plus ``"syn"`` when ``antspyx`` can be imported (otherwise ``"syn"`` is reported as skipped), in the order
-    VoxelMorph (the reference), VoxelMorph-diff, the chapters' methods, SyN; explicitly named methods keep theirs. A named method of
-    :data:`SKIPPED` is skipped with its reason.
+    VoxelMorph (the reference), VoxelMorph-diff, the chapters' methods, SyN; ``"papers"`` is the same without the
+    methods beyond the five papers (:data:`BEYOND_PAPERS`: CorrMLP, FlowReg), chapter 10's selection; explicitly
+    named methods keep their order. A named method of :data:`SKIPPED` is skipped with its reason.
 
     Raises:
         ValueError: an unknown name or an empty selection.
@@ -102,16 +105,16 @@ def bench_methods(names: str | Sequence[str] = "all") -> tuple[list[str], dict[s
 
     names = [names] if isinstance(names, str) else list(names)
     known = set(methods()) | set(CLASSICAL)
-    unknown = [n for n in names if n != "all" and n not in known]
+    unknown = [n for n in names if n not in ("all", "papers") and n not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: all, {', '.join(sorted(known))}")
+        raise ValueError(f"unknown method(s) {unknown}; known: all, papers, {', '.join(sorted(known))}")
     if not names:
         raise ValueError("no method selected")
     skipped: dict[str, str] = {}
     out: list[str] = []
     for n in names:
-        if n == "all":
-            trained = [m for m in methods() if m not in SKIPPED]
+        if n in ("all", "papers"):
+            trained = [m for m in methods() if m not in SKIPPED and (n == "all" or m not in BEYOND_PAPERS)]
             trained.sort(key=lambda m: (_ORDER.index(m) if m in _ORDER else len(_ORDER), m))
             skipped.update({m: r for m, r in SKIPPED.items() if m in methods()})
             expanded = trained + list(CLASSICAL)

@@ -670,3 +670,73 @@ def _drdm_profile(profile: str, dims: int | None) -> MethodConfig:
         data=_cardiac_data(dims, (256, 256), (128, 128, 128)),
         source="Zheng et al. 2024 (DRDM), sec. 2-3.3 and Appendix A; official def_diff_rec RecResACNet and configs",
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CorrMLP (Meng et al., CVPR 2024) and FlowReg (Fu et al., arXiv 2603.01073, 2026): no full text in this project;
+# the values come from FlowReg's official code (mathpluscode/FlowReg at commit 286411e: corrmlp/train.yaml,
+# flowreg/train.yaml, flowreg/train.py, data/util.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: FlowReg's ACDC volumes: data/util.py VOLUME_SHAPE (32, 128, 128) at SPACING (3.15, 1.5, 1.5) mm (z, y, x)
+FLOWREG_SPACING = (3.15, 1.5, 1.5)
+
+
+def _corrmlp_model(dims: int, profile: str) -> dict[str, Any]:
+    """CorrMLP's network and loss: encoder 8 and decoder 16 channels, NCC window 9, regularisation weight 1.0
+    (``corrmlp/train.yaml``), the smoothness in mm at the ACDC spacing (``utils/losses.py`` ``Grad``); the quick
+    profile halves the widths (4, 8) for a 2-core CPU and uses unit spacing (the phantom)."""
+    quick = profile == "quick"
+    return dict(in_channels=1, enc_channels=4 if quick else 8, dec_channels=8 if quick else 16, ncc_window=9,
+                reg_weight=1.0, spacing=None if quick or dims == 2 else list(FLOWREG_SPACING))
+
+
+@register_profile("corrmlp")
+def _corrmlp_profile(profile: str, dims: int | None) -> MethodConfig:
+    if profile == "quick":
+        dims = dims or 2
+        return MethodConfig(
+            method="corrmlp", profile=profile, model=_corrmlp_model(dims, profile),
+            # lr 1e-3 (the official 1e-4 is far too slow for minutes on a CPU), as VoxelMorph's quick profile
+            train=TrainConfig(steps=600 if dims == 2 else 150, lr=1e-3, batch_size=1, scheduler="constant",
+                              log_every=50, checkpoint_every=200),
+            # images in [0, 1]: the official code maps its [-1, 1] volumes with (x + 1) / 2 before the network
+            data=DataConfig(dims=dims, size=(64, 64) if dims == 2 else (16, 64, 64), intensity=(0.0, 1.0),
+                            phantom=_cardiac_phantom(dims), direction="ed->es"),
+            source=QUICK_SOURCE)
+    dims = dims or 3
+    return MethodConfig(
+        method="corrmlp", profile=profile, model=_corrmlp_model(dims, profile),
+        # corrmlp/train.yaml: Adam, lr 1e-4, batch 1, 100 epochs (no schedule)
+        train=TrainConfig(epochs=100, lr=1e-4, batch_size=1, scheduler="constant", log_every=100,
+                          checkpoint_every=2000),
+        # ACDC 3D, ED -> ES (train.py default direction "ed2es": fixed ES, moving ED), images in [0, 1]
+        data=DataConfig(dims=dims, size=(128, 128) if dims == 2 else (32, 128, 128), intensity=(0.0, 1.0),
+                        phantom=_cardiac_phantom(dims), direction="ed->es"),
+        source="FlowReg's re-implementation of CorrMLP (mathpluscode/FlowReg corrmlp/, commit 286411e)")
+
+
+@register_profile("flowreg")
+def _flowreg_profile(profile: str, dims: int | None) -> MethodConfig:
+    base = _corrmlp_profile(profile, dims)
+    dims = base.data.dims
+    quick = profile == "quick"
+    model = dict(base.model, time_channels=64, ema_momentum=0.99, v_mse_weight=0.0, noise_factor=5.0,
+                 sample_steps=5, initial_guess=False)
+    if quick:
+        # warmup 100 of 600 steps at batch 1 and lr 1e-3 (the CorrMLP quick budget, split as the official 2 of 100
+        # epochs would leave too few warmup steps at this scale)
+        model.update(warmup_steps=100, warmup_lr=1e-3, warmup_batch=1)
+        train = TrainConfig(steps=500 if dims == 2 else 120, lr=1e-3, batch_size=1, scheduler="constant",
+                            log_every=50, checkpoint_every=200)
+    else:
+        # flowreg/train.yaml: Adam, lr 1e-4, batch 4, 100 epochs of which 2 are warmup (warmup_epochs 2); the 90
+        # training volumes of data/acdc.py in batches of 4 make 23 steps per epoch: warmup 46 steps, then 98 epochs
+        # of reflow; EMA 0.99, 5 inference steps (num_inference_steps)
+        model.update(warmup_steps=46, warmup_lr=1e-4, warmup_batch=4)
+        train = TrainConfig(epochs=98, lr=1e-4, batch_size=4, scheduler="constant", log_every=50,
+                            checkpoint_every=1000)
+    return MethodConfig(method="flowreg", profile=profile, model=model, train=train, data=base.data,
+                        source=QUICK_SOURCE if quick else
+                        "FlowReg (Fu et al. 2026), official code mathpluscode/FlowReg flowreg/, commit 286411e")
+

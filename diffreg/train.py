@@ -174,7 +174,8 @@ def train_stages(model: nn.Module, data: Dataset, out: str | Path | None = None,
         stage.module.requires_grad_(True)
         rows = fit(stage.module, stage.dataset(data) if stage.dataset is not None else data, stage.config,
                    out=stage_out, device=device, resume=resume, progress=progress)
-        stage.module.requires_grad_(False)
+        if stage.frozen:
+            stage.module.requires_grad_(False)
         if stage_out is not None and (stage_out / LOG).is_file():  # every row, also those of an earlier call
             rows = RunFolder(stage_out).log()
         if stage.done is not None:

@@ -272,3 +272,13 @@ def test_bench_over_seeds_command(tmp_path):
     assert (runs / "seed1" / "fsdiffreg" / "checkpoint.pt").stat().st_mtime_ns == stamp
     again = list(csv.DictReader(open(out / "results.csv")))
     assert [r["dice"] for r in again if r["method"] != "syn"] == [r["dice"] for r in rows if r["method"] != "syn"]
+
+
+def test_papers_is_all_without_the_methods_beyond_the_five_papers():
+    from diffreg.bench import BEYOND_PAPERS
+
+    everything, _ = bench_methods("all")
+    papers, skipped = bench_methods("papers")
+    assert set(BEYOND_PAPERS) <= set(everything) and not set(BEYOND_PAPERS) & set(papers)
+    assert papers == [m for m in everything if m not in BEYOND_PAPERS] and "drdm" in skipped
+

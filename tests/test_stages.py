@@ -1,5 +1,6 @@
-"""Stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's stage 1) are runs of the trainer: killed
-in the middle of a stage, a run resumes there and ends exactly where the uninterrupted run ends (on the CPU)."""
+"""Stages trained before the main loop (DiffuseReg's teacher, LDM-Morph's stage 1, FlowReg's warmup) are runs of the
+trainer: killed in the middle of a stage, a run resumes there and ends exactly where the uninterrupted run ends (on
+the CPU)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import csv
 import pytest
 import torch
 
-from diffreg.config import MethodConfig, TrainConfig
-from diffreg.models import DiffuseReg, LDMMorph
+from diffreg.config import MethodConfig, TrainConfig, get_config
+from diffreg.models import DiffuseReg, FlowReg, LDMMorph
+from diffreg.models.flowreg import _Warmup
 from diffreg.models.ldm_morph import _LatentStage
 from diffreg.models.voxelmorph import VoxelMorph
 from diffreg.train import fit, load_checkpoint, set_stage_steps, stage_budgets
@@ -47,11 +49,14 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(x, y), k
 
 
-@pytest.mark.parametrize("method", ["diffusereg", "ldm-morph"])
+@pytest.mark.parametrize("method", ["diffusereg", "ldm-morph", "flowreg"])
 def test_a_stage_killed_midway_resumes_like_the_main_loop(method, tmp_path, monkeypatch):
     if method == "diffusereg":
         settings = {**DIFFUSEREG_SMALL, "teacher_steps": 8}
         make, stage, killed, size = (lambda: DiffuseReg(dims=2, **settings)), "teacher", VoxelMorph, (32, 64)
+    elif method == "flowreg":   # the warmup pre-trains the network the main loop goes on training
+        settings = {**get_config("flowreg", "quick").model, "warmup_steps": 8, "warmup_batch": 1}
+        make, stage, killed, size = (lambda: FlowReg(dims=2, **settings)), "warmup", _Warmup, (32, 32)
     else:
         settings = {**LDM_TINY, "ae_steps": 4, "ldm_steps": 8}
         make, stage, killed, size = (lambda: LDMMorph(dims=2, **settings)), "latent_unet", _LatentStage, (32, 32)

@@ -12,9 +12,11 @@ from typing import Any
 from diffreg.config import MethodConfig, get_config
 from diffreg.models.base import BaseModel, DeformationGenerator, RegistrationModel, RegistrationResult
 from diffreg.models.classical import ANTsSyN
+from diffreg.models.corrmlp import CorrMLP
 from diffreg.models.diffusemorph import DiffuseMorph
 from diffreg.models.diffusereg import DiffuseReg
 from diffreg.models.drdm import DRDM
+from diffreg.models.flowreg import FlowReg
 from diffreg.models.fsdiffreg import FSDiffReg
 from diffreg.models.ldm_morph import LDMMorph
 from diffreg.models.voxelmorph import VoxelMorph, VoxelMorphDiff
@@ -22,7 +24,7 @@ from diffreg.models.voxelmorph import VoxelMorph, VoxelMorphDiff
 __all__ = [
     "BaseModel", "RegistrationModel", "DeformationGenerator", "RegistrationResult", "VoxelMorph", "VoxelMorphDiff",
     "DiffuseMorph", "DiffuseReg",
-    "FSDiffReg", "LDMMorph", "DRDM", "ANTsSyN", "build", "is_generator", "MODELS",
+    "FSDiffReg", "LDMMorph", "DRDM", "CorrMLP", "FlowReg", "ANTsSyN", "build", "is_generator", "MODELS",
 ]
 
 #: registry name -> model class (a :class:`RegistrationModel` or a :class:`DeformationGenerator`)
@@ -34,6 +36,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "drdm": DRDM,
     "fsdiffreg": FSDiffReg,
     "ldm-morph": LDMMorph,
+    "corrmlp": CorrMLP,
+    "flowreg": FlowReg,
 }
 
 

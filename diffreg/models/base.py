@@ -84,7 +84,7 @@ class StageBudget:
 class Stage:
     """A network a model trains before its main loop, as data: :func:`diffreg.train.fit` trains ``module`` on
     ``dataset(pairs)`` with ``config`` in the run's sub-folder ``name`` (so it is checkpointed, resumed, and run with
-    AMP and DDP exactly like the main loop), freezes it, then calls ``done(log_rows)``.
+    AMP and DDP exactly like the main loop), freezes it (unless ``frozen`` is false), then calls ``done(log_rows)``.
 
     Attributes:
         name: sub-folder of the run directory (``"teacher"``, ``"autoencoder"``, ``"latent_unet"``).
@@ -95,6 +95,8 @@ class Stage:
         dataset: maps the model's training pairs to the stage's dataset (default: the pairs themselves).
         done: called with the stage's log rows (every row of its ``log.csv`` when it has a folder) once it is trained
             or restored; it marks the model's stage as ready.
+        frozen: freeze ``module`` after the stage (a teacher, a first stage); ``False`` for a stage that pre-trains
+            the network the main loop goes on training (FlowReg's warmup).
     """
 
     name: str
@@ -102,6 +104,7 @@ class Stage:
     config: Any
     dataset: Callable[[Any], Any] | None = None
     done: Callable[[list[dict[str, Any]]], None] | None = None
+    frozen: bool = True
 
 
 def check_pair(moving: torch.Tensor, fixed: torch.Tensor, dims: int) -> None:
