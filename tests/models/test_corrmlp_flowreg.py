@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from diffreg.config import get_config
-from diffreg.models import CorrMLP, FlowReg, build
-from diffreg.models.corrmlp import _unwindows, _windows, local_correlation, physical_smoothness
 from diffreg.losses import gradient_smoothness
+from diffreg.models import FlowReg, build
+from diffreg.models.corrmlp import _unwindows, _windows, local_correlation, physical_smoothness
 
 #: parameters of the official networks at train.yaml's widths (encoder 8, decoder 16, time 64), counted by building
 #: mathpluscode/FlowReg's corrmlp.networks.CorrMLP(1, 8, 16) and flowreg.networks.FlowReg(1, 8, 16, 64) (commit 286411e)
