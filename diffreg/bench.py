@@ -72,7 +72,7 @@ SKIPPED: dict[str, str] = _skipped()
 CLASSICAL: dict[str, str] = {"syn": "ANTs SyN (antspyx), diffreg.models.classical.ANTsSyN"}
 #: summary columns in order (the per-structure Dice columns present in the tables are inserted after ``dice``)
 SUMMARY_COLUMNS = ("dice_initial", "dice", "folding_percent", "jacobian_std", "sdlogj", "hd95", "epe_initial", "epe",
-                   "seconds", "spread_mean", "spearman_spread_error")  # the last two: options samples=N (chapter 11)
+                   "ef_error", "seconds", "spread_mean", "spearman_spread_error")  # the last two: options samples=N (chapter 11)
 #: the order of "all": the reference, its diffeomorphic variant, then the book's chapters (others after, sorted)
 _ORDER = (REFERENCE, "voxelmorph-diff", "diffusemorph", "fsdiffreg", "diffusereg", "ldm-morph", "corrmlp", "flowreg")
 #: methods beyond the book's five papers and their VoxelMorph baselines (left out of ``"papers"``)

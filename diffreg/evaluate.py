@@ -190,6 +190,7 @@ def evaluate(
             labels=label_set,
             spacing=spacing,
             true_ddf=true_ddf[None] if true_ddf is not None else None,
+            direction=getattr(dataset, "direction", None) if label_set in ("acdc", "camus") else None,
         )
         row: dict[str, Any] = {"case": item.get("case", str(i))}
         for k, v in report.items():

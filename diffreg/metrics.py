@@ -28,7 +28,8 @@ from torch import Tensor
 
 __all__ = [
     "ACDC_LABELS", "CAMUS_LABELS", "dice", "acdc_dice", "camus_dice", "jacobian_determinant", "folding_percent",
-    "jacobian_std", "sdlogj", "jacobian_statistics", "hd95", "endpoint_error", "registration_report", "warped_dice", "psnr", "nmse",
+    "jacobian_std", "sdlogj", "jacobian_statistics", "hd95", "label_volume", "ejection_fraction",
+    "ejection_fraction_report", "LV_LABEL", "endpoint_error", "registration_report", "warped_dice", "psnr", "nmse",
 ]
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -412,7 +413,7 @@ def _warp_labels(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: ArrayLike
 
 def registration_report(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: ArrayLike,
                         labels: str | Sequence[int] = "acdc", spacing: float | Sequence[float] | None = None,
-                        true_ddf: ArrayLike | None = None) -> dict[str, Tensor]:
+                        true_ddf: ArrayLike | None = None, direction: str | None = None) -> dict[str, Tensor]:
     """All per-case metrics of one registration, as a dict of ``(B,)`` tensors.
 
     ``moving_label`` is warped with nearest interpolation by :func:`diffreg.spatial.warp` (pull, border padding)
@@ -427,6 +428,8 @@ def registration_report(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: Ar
         labels: ``"acdc"``, ``"camus"`` or a list of label values.
         spacing: voxel size per spatial axis (array order) for HD95 (EPE is reported in voxels); default 1.
         true_ddf: optional true displacement for the end-point error.
+        direction: ``"ed->es"`` or ``"es->ed"`` when the pair is an ED/ES pair: adds the ejection-fraction columns
+            of :func:`ejection_fraction_report` (``acdc`` and ``camus`` label sets).
 
     Returns:
         dict of ``(B,)`` float64 tensors:
@@ -440,7 +443,8 @@ def registration_report(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: Ar
         * ``hd95``: NaN-ignoring mean over the individual labels (1, 2, 3 for acdc/camus) of :func:`hd95`, plus
           ``hd95_<structure>`` per label;
         * ``epe_initial`` / ``epe`` (:func:`endpoint_error` over all voxels, in voxels) of the identity / of
-          ``ddf`` when ``true_ddf`` is given.
+          ``ddf`` when ``true_ddf`` is given;
+        * ``ef_true``, ``ef``, ``ef_error`` (:func:`ejection_fraction_report`) when ``direction`` is given.
 
     Raises:
         ValueError: on inconsistent shapes or an unknown label set.
@@ -472,7 +476,65 @@ def registration_report(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: Ar
         # in voxels (like the fields themselves); before registration the error is the true motion itself
         report["epe_initial"] = endpoint_error(torch.zeros_like(u), true_ddf).cpu()
         report["epe"] = endpoint_error(u, true_ddf).cpu()
+    if direction is not None and isinstance(labels, str):
+        report.update(ejection_fraction_report(ml, fl, warped, direction, labels, spacing))
     return report
+
+
+#: the left-ventricle cavity's label value per label set (ACDC: 3; CAMUS: 1, the LV endocardium)
+LV_LABEL = {"acdc": 3, "camus": 1}
+
+
+def label_volume(label: ArrayLike, value: int, spacing: float | Sequence[float] | None = None) -> Tensor:
+    """Volume of the voxels equal to ``value`` per batch item, ``(B,)`` float64: the voxel count times the voxel
+    volume (the product of ``spacing``; default 1). In mm^3 with spacings in mm (mL = mm^3 / 1000); an area in 2D."""
+    lab = _as_tensor(label, "label")
+    if lab.ndim >= 3 and lab.shape[1] == 1:
+        lab = lab[:, 0]
+    dims = lab.ndim - 1
+    voxel = float(np.prod(_spacing(spacing, dims)))
+    return (lab == int(value)).flatten(1).sum(1).double() * voxel
+
+
+def ejection_fraction(edv: ArrayLike, esv: ArrayLike) -> Tensor:
+    """``100 (EDV - ESV) / EDV`` (%), NaN where ``EDV <= 0``."""
+    edv, esv = _as_tensor(edv, "edv").double(), _as_tensor(esv, "esv").double()
+    return torch.where(edv > 0, 100.0 * (edv - esv) / edv.clamp_min(1e-12), torch.full_like(edv, float("nan")))
+
+
+def ejection_fraction_report(moving_label: ArrayLike, fixed_label: ArrayLike, warped_label: ArrayLike,
+                             direction: str, labels: str = "acdc",
+                             spacing: float | Sequence[float] | None = None) -> dict[str, Tensor]:
+    """The LV ejection fraction from labels propagated by a registration (FlowReg's clinical measure).
+
+    The moving label is the one phase's segmentation; warped onto the other phase, it stands for that phase's
+    segmentation. With ``direction="ed->es"`` (moving ED, fixed ES) the predicted EF is ``EF(V(ED), V(warped ED))``;
+    with ``"es->ed"`` it is ``EF(V(warped ES), V(ES))``; the true EF is ``EF(V(ED), V(ES))`` from the two ground-truth
+    labels, and ``ef_error = |ef - ef_true|`` in percentage points. On 2D slices the volumes are areas, and the
+    "EF" is the slice's fractional area change, not the clinical (volumetric) EF. Explained in the book's FlowReg
+    chapter.
+
+    Args:
+        moving_label, fixed_label, warped_label: integer maps ``(B, 1, *spatial)`` or ``(B, *spatial)``.
+        direction: ``"ed->es"`` or ``"es->ed"``.
+        labels: ``"acdc"`` or ``"camus"`` (:data:`LV_LABEL`).
+        spacing: voxel size per axis (it cancels in the EF).
+
+    Returns:
+        ``{"ef_true", "ef", "ef_error"}``, ``(B,)`` float64 tensors.
+
+    Raises:
+        ValueError: an unknown direction or label set.
+    """
+    if direction not in ("ed->es", "es->ed"):
+        raise ValueError(f"direction must be 'ed->es' or 'es->ed', got {direction!r}")
+    if labels not in LV_LABEL:
+        raise ValueError(f"labels must be one of {sorted(LV_LABEL)} for the ejection fraction, got {labels!r}")
+    lv = LV_LABEL[labels]
+    vm, vf, vw = (label_volume(x, lv, spacing) for x in (moving_label, fixed_label, warped_label))
+    ed, es, pred = (vm, vf, ejection_fraction(vm, vw)) if direction == "ed->es" else (vf, vm, ejection_fraction(vw, vm))
+    true = ejection_fraction(ed, es)
+    return {"ef_true": true, "ef": pred, "ef_error": (pred - true).abs()}
 
 
 def warped_dice(ddf: ArrayLike, moving_label: ArrayLike, fixed_label: ArrayLike,

@@ -309,3 +309,45 @@ def test_jacobian_statistics_of_a_known_determinant_map():
     ddf = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
     stats = jacobian_statistics(jacobian_determinant(ddf))
     assert torch.equal(stats["folding_percent"], folding_percent(ddf)) and torch.equal(stats["sdlogj"], sdlogj(ddf))
+
+
+def test_ejection_fraction_from_propagated_labels_has_known_answers():
+    from diffreg.metrics import ejection_fraction, ejection_fraction_report, label_volume
+
+    # an LV (label 3) of 10 x 10 voxels at ED and 6 x 10 at ES, 2 mm x 1.5 mm pixels: EF = 100 (100 - 60) / 100 = 40 %
+    ed = torch.zeros(1, 1, 20, 20, dtype=torch.long)
+    ed[..., 5:15, 5:15] = 3
+    ed[..., 0:2, :] = 1   # another structure does not count
+    es = torch.zeros_like(ed)
+    es[..., 7:13, 5:15] = 3
+    assert label_volume(ed, 3, (2.0, 1.5)).item() == pytest.approx(100 * 3.0)
+    assert ejection_fraction(torch.tensor([100.0]), torch.tensor([60.0])).item() == pytest.approx(40.0)
+    assert torch.isnan(ejection_fraction(torch.tensor([0.0]), torch.tensor([0.0]))).all()
+    # ED -> ES: a warped ED label with 7 x 10 LV voxels predicts EF 30 %, an error of 10 points
+    warped = torch.zeros_like(ed)
+    warped[..., 6:13, 5:15] = 3
+    r = ejection_fraction_report(ed, es, warped, "ed->es", "acdc", (2.0, 1.5))
+    assert (r["ef_true"].item(), r["ef"].item(), r["ef_error"].item()) == pytest.approx((40.0, 30.0, 10.0))
+    # ES -> ED: the warped ES label stands for ED; a perfect propagation has no error
+    r = ejection_fraction_report(es, ed, ed, "es->ed", "acdc")
+    assert (r["ef_true"].item(), r["ef"].item(), r["ef_error"].item()) == pytest.approx((40.0, 40.0, 0.0))
+    with pytest.raises(ValueError, match="direction"):
+        ejection_fraction_report(es, ed, ed, "ed-es")
+
+
+def test_evaluate_reports_the_ejection_fraction_of_the_phantom():
+    """The identity field propagates the moving label unchanged: on the phantom (ES -> ED) its EF is 0 and its error
+    is the phantom's true EF, which a contracting heart makes positive."""
+    from diffreg.data import open_dataset
+    from diffreg.evaluate import evaluate
+    from diffreg.models.base import RegistrationModel
+
+    class Identity(RegistrationModel):
+        def forward(self, moving, fixed):
+            return torch.zeros(moving.shape[0], 2, *moving.shape[2:])
+
+    data = open_dataset("phantom", "test", dims=2, profile="quick")
+    assert data.direction == "es->ed"
+    table = evaluate(Identity(), data, limit=3)
+    for row in table:
+        assert row["ef"] == pytest.approx(0.0) and row["ef_true"] > 10 and row["ef_error"] == pytest.approx(row["ef_true"])
