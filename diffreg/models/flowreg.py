@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -57,7 +57,7 @@ from diffreg.models.base import RegistrationModel, RegistrationResult, Stage, St
 from diffreg.models.corrmlp import ConvEncoder, CorrMLPDecoder, check_size, registration_loss
 from diffreg.spatial import warp
 
-__all__ = ["FlowReg", "FlowRegNet", "TimeEmbedding", "noise_scale"]
+__all__ = ["FlowReg", "FlowRegNet", "TimeEmbedding", "noise_scale", "ode_sample"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,6 +104,34 @@ def noise_scale(dims: int, spacing: Sequence[float] | None = None, factor: float
     the noise is isotropic in millimetres; ``factor`` 5 as in the official code."""
     sp = [1.0] * dims if spacing is None else [float(s) for s in spacing]
     return torch.tensor([factor * min(sp) / s for s in sp]).view(1, dims, *([1] * dims))
+
+
+def ode_sample(predict: Callable[[Tensor, float], Tensor], phi0: Tensor, steps: int, initial_guess: bool = False,
+               heun: bool = True) -> list[Tensor]:
+    """Integrate the flow ODE ``d phi / dt = (phi1_hat(phi, t) - phi) / (1 - t)`` from ``phi0`` at ``t = 0`` to
+    ``t = 1`` on ``steps`` equal steps, with x1-prediction ``predict(phi, t)``.
+
+    Heun's method (``heun=True``): an Euler predictor, then the mean of the two velocities; the corrector is skipped
+    at the last step, where ``1 - t = 0`` (the official sampler; ``2 steps - 1`` calls of ``predict``). Euler's method
+    (``heun=False``): ``steps`` calls. ``initial_guess``: after the first step the state is replaced by that step's
+    prediction. Used by :meth:`FlowReg.sample` and by the chapter's toy problem.
+
+    Returns:
+        The prediction of each step (the last one is the end point of the path).
+    """
+    ts = torch.linspace(0, 1, int(steps) + 1).tolist()
+    phi, preds = phi0, []
+    for i in range(int(steps)):
+        t0, t1 = ts[i], ts[i + 1]
+        pred = predict(phi, t0)
+        delta = (pred - phi) / max(1.0 - t0, 1e-5) * (t1 - t0)
+        if heun and i < steps - 1:   # Heun's corrector (skipped at the last step, where 1 - t1 = 0)
+            nxt = phi + delta
+            pred = predict(nxt, t1)
+            delta = (delta + (pred - nxt) / max(1.0 - t1, 1e-5) * (t1 - t0)) / 2
+        phi = pred if (initial_guess and i == 0) else phi + delta
+        preds.append(pred)
+    return preds
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,45 +269,39 @@ class FlowReg(RegistrationModel):
 
     # ---- 5. sampling ----------------------------------------------------------------------------------------------
     def forward(self, moving: Tensor, fixed: Tensor, steps: int | None = None, initial_guess: bool | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, heun: bool = True) -> Tensor:
         """The registration field ``(B, dims, *spatial)`` in voxels (:meth:`sample`'s last prediction)."""
-        return self.sample(moving, fixed, steps, initial_guess, generator)[-1]
+        return self.sample(moving, fixed, steps, initial_guess, generator, heun)[-1]
 
     @torch.no_grad()
     def sample(self, moving: Tensor, fixed: Tensor, steps: int | None = None, initial_guess: bool | None = None,
-               generator: torch.Generator | None = None) -> list[Tensor]:
+               generator: torch.Generator | None = None, heun: bool = True) -> list[Tensor]:
         """Heun's method from noise at ``t = 0`` to ``t = 1`` in ``steps`` steps; the prediction ``phi1_hat`` of each
         step (the last is the registration). ``initial_guess``: after the first step the state becomes its
-        prediction (Initial Guess). ``2 steps - 1`` network evaluations."""
+        prediction (Initial Guess). ``2 steps - 1`` network evaluations; ``heun=False``: Euler's method (the official
+        sampler's ``no_heun``), ``steps`` evaluations."""
         check_size(moving, fixed, self.dims, "FlowReg")
         steps = int(self.sample_steps if steps is None else steps)
         guess = self.initial_guess if initial_guess is None else bool(initial_guess)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         b = moving.shape[0]
-        phi = self.noise_like(moving, generator)
-        ts = torch.linspace(0, 1, steps + 1).tolist()
-        preds = []
-        for i in range(steps):
-            t0, t1 = ts[i], ts[i + 1]
-            pred = self.net(moving, fixed, phi, torch.full((b,), t0, device=phi.device))
-            delta = (pred - phi) / max(1.0 - t0, 1e-5) * (t1 - t0)
-            if i < steps - 1:   # Heun's corrector (skipped at the last step, where 1 - t1 = 0)
-                nxt = phi + delta
-                pred = self.net(moving, fixed, nxt, torch.full((b,), t1, device=phi.device))
-                delta = (delta + (pred - nxt) / max(1.0 - t1, 1e-5) * (t1 - t0)) / 2
-            phi = pred if (guess and i == 0) else phi + delta
-            preds.append(pred)
-        return preds
+
+        def predict(phi: Tensor, t: float) -> Tensor:
+            return self.net(moving, fixed, phi, torch.full((b,), t, device=phi.device))
+
+        return ode_sample(predict, self.noise_like(moving, generator), steps, guess, heun)
 
     @torch.no_grad()
     def register(self, moving: Tensor, fixed: Tensor, steps: int | None = None, initial_guess: bool | None = None,
-                 generator: torch.Generator | None = None, **options: Any) -> RegistrationResult:
+                 generator: torch.Generator | None = None, heun: bool = True, **options: Any) -> RegistrationResult:
         """Register with :meth:`sample`; ``extras``: ``trajectory`` (every step's prediction), ``steps``,
         ``evaluations`` (network calls)."""
         if options:
-            raise ValueError(f"unknown FlowReg.register options {sorted(options)} (steps, initial_guess, generator)")
-        preds = self.sample(moving, fixed, steps, initial_guess, generator)
+            raise ValueError(f"unknown FlowReg.register options {sorted(options)} "
+                             "(steps, initial_guess, generator, heun)")
+        preds = self.sample(moving, fixed, steps, initial_guess, generator, heun)
         ddf = preds[-1]
+        calls = 2 * len(preds) - 1 if heun else len(preds)
         return RegistrationResult(ddf=ddf, warped=warp(moving, ddf),
-                                  extras={"trajectory": preds, "steps": len(preds), "evaluations": 2 * len(preds) - 1})
+                                  extras={"trajectory": preds, "steps": len(preds), "evaluations": calls})
