@@ -728,14 +728,15 @@ def _flowreg_profile(profile: str, dims: int | None) -> MethodConfig:
         # epochs would leave too few warmup steps at this scale)
         model.update(warmup_steps=100, warmup_lr=1e-3, warmup_batch=1)
         train = TrainConfig(steps=500 if dims == 2 else 120, lr=1e-3, batch_size=1, scheduler="constant",
-                            log_every=50, checkpoint_every=200)
+                            grad_clip=1.0, log_every=50, checkpoint_every=200)
     else:
         # flowreg/train.yaml: Adam, lr 1e-4, batch 4, 100 epochs of which 2 are warmup (warmup_epochs 2); the 90
         # training volumes of data/acdc.py in batches of 4 make 23 steps per epoch: warmup 46 steps, then 98 epochs
-        # of reflow; EMA 0.99, 5 inference steps (num_inference_steps)
+        # of reflow; EMA 0.99, 5 inference steps (num_inference_steps); gradient norm clipped at 1.0 in both phases
+        # (train.py)
         model.update(warmup_steps=46, warmup_lr=1e-4, warmup_batch=4)
-        train = TrainConfig(epochs=98, lr=1e-4, batch_size=4, scheduler="constant", log_every=50,
-                            checkpoint_every=1000)
+        train = TrainConfig(epochs=98, lr=1e-4, batch_size=4, scheduler="constant", grad_clip=1.0,
+                            log_every=50, checkpoint_every=1000)
     return MethodConfig(method="flowreg", profile=profile, model=model, train=train, data=base.data,
                         source=QUICK_SOURCE if quick else
                         "FlowReg (Fu et al. 2026), official code mathpluscode/FlowReg flowreg/, commit 286411e")

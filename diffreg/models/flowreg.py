@@ -219,8 +219,9 @@ class FlowReg(RegistrationModel):
     # ---- 3. warmup -----------------------------------------------------------------------------------------------
     def stages(self, seed: int = 0) -> list[Stage]:
         """The warmup, a stage trained before the main loop (none once done): ``warmup_steps`` steps of
-        ``warmup_batch`` pairs, Adam at ``warmup_lr`` (constant), seeded by ``warmup_seed`` or the run's ``seed``;
-        the network is not frozen after it."""
+        ``warmup_batch`` pairs, Adam at ``warmup_lr`` (constant), the gradient norm clipped at 1 (as the official
+        script does in both phases), seeded by ``warmup_seed`` or the run's ``seed``; the network is not frozen after
+        it."""
         if bool(self.warmup_done):
             return []
         w = self.warmup
@@ -228,7 +229,7 @@ class FlowReg(RegistrationModel):
         cfg = MethodConfig(method="flowreg", profile="warmup",
                            model={"dims": self.dims, "warmup_steps": steps},
                            train=TrainConfig(steps=steps, lr=w["lr"], batch_size=w["batch"], scheduler="constant",
-                                             seed=int(seed if w["seed"] is None else w["seed"]),
+                                             grad_clip=1.0, seed=int(seed if w["seed"] is None else w["seed"]),
                                              log_every=max(1, steps // 50),
                                              checkpoint_every=max(1, min(500, steps // 4))),
                            source="FlowReg warmup (flowreg/train.py: single-step registration from noise at t = 0)")
