@@ -252,9 +252,9 @@ def jacobian_statistics(det: ArrayLike) -> dict[str, Tensor]:
         det: ``(B, *spatial)`` determinants (:func:`jacobian_determinant`, or a world-space determinant).
 
     Returns:
-        ``{"folding_percent": 100 x fraction of det <= 0, "jacobian_std": SD of det, "sdlogj": SD of
-        log(max(det, 1e-9))}``, each ``(B,)`` (the quantities of :func:`folding_percent`, :func:`jacobian_std` and
-        :func:`sdlogj`, from one determinant).
+        a dict of ``(B,)`` tensors: ``folding_percent`` (100 x the fraction of ``det <= 0``), ``jacobian_std`` (the
+        SD of ``det``) and ``sdlogj`` (the SD of ``log(max(det, 1e-9))``): the quantities of :func:`folding_percent`,
+        :func:`jacobian_std` and :func:`sdlogj`, from one determinant.
     """
     det = _as_tensor(det, "det")
     return {"folding_percent": _folding_from_det(det), "jacobian_std": _std_from_det(det),
