@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffreg.config import MethodConfig, TrainConfig
-from diffreg.device import default_device, distributed_info, resolve_device
+from diffreg.device import cpu_conv3d_fast_path, default_device, distributed_info, resolve_device
 from diffreg.runs import (CHECKPOINT, CONFIG, LOG, RunFolder, _check_same_run, _describe, check_run_dir,
                           load_checkpoint, load_run, save_checkpoint)
 
@@ -333,7 +333,7 @@ def fit(
     rank, _, world = distributed_info()
     distributed = world > 1
     device = _training_device(device)
-    model.to(device)
+    cpu_conv3d_fast_path(model.to(device))
     total = total_steps(tcfg, len(data), world)
     stop = min(total, max_steps) if max_steps is not None else total
 

@@ -125,3 +125,68 @@ def test_paper_profiles_train_in_float32_and_amp_is_opt_in(monkeypatch, tmp_path
             main(["train", "--method", "voxelmorph", "--profile", "paper", "--out", str(tmp_path / "r"),
                   "--size", "32", "32", "--dims", "2", "--device", "cpu"] + extra)
         assert seen["args"][2].train.amp is amp
+
+
+# -- the 3D convolution fast path on the CPU (diffreg.device.cpu_conv3d_fast_path) --------------------------------
+
+def _conv_ops(fn) -> set[str]:
+    """The convolution operators ``fn`` calls; ATen's native ones as ``"name kernel"`` with the weight's kernel size."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return {e.key + (f" {tuple(e.input_shapes[1][2:])}" if "slow" in e.key else "")
+            for e in prof.key_averages(group_by_input_shape=True) if "conv" in e.key}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("method", ["voxelmorph", "corrmlp"])
+def test_the_3d_fast_path_gives_the_native_result_through_onednn(method, monkeypatch):
+    """A quick 3D model at batch 1: the fast path runs oneDNN instead of ATen's slow_conv3d, and the displacement and
+    the gradients of the training loss equal the native kernel's up to float rounding (same weights, same pair)."""
+    from diffreg.device import FAST_PATH_VARIABLE, cpu_conv3d_fast_path
+    from diffreg.models import build
+
+    monkeypatch.setenv(FAST_PATH_VARIABLE, "0")
+    torch.manual_seed(0)
+    native = build(method, "quick", dims=3)
+    fast = build(method, "quick", dims=3)
+    fast.load_state_dict(native.state_dict())
+    monkeypatch.delenv(FAST_PATH_VARIABLE)
+    assert cpu_conv3d_fast_path(fast) is fast and cpu_conv3d_fast_path(fast) is fast   # idempotent
+    g = torch.Generator().manual_seed(1)
+    batch = {"moving": torch.rand(1, 1, 16, 64, 64, generator=g), "fixed": torch.rand(1, 1, 16, 64, 64, generator=g)}
+
+    def step(model):
+        model.zero_grad()
+        with torch.no_grad():
+            ddf = model.register(batch["moving"], batch["fixed"]).ddf
+        model.loss(batch)["total"].backward()
+        return ddf, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    native_ops = _conv_ops(lambda: step(native))
+    fast_ops = _conv_ops(lambda: step(fast))
+    native_slow = {op for op in native_ops if op.startswith("aten::slow_conv")}
+    fast_slow = {op for op in fast_ops if op.startswith("aten::slow_conv")}
+    assert any(not op.endswith("(1, 1, 1)") for op in native_slow)   # layers below ATen's oneDNN threshold...
+    assert all(op.endswith("(1, 1, 1)") for op in fast_slow)         # ...run oneDNN, 1 x 1 x 1 kernels excepted
+    assert "aten::mkldnn_convolution" in fast_ops
+    (ddf_n, grads_n), (ddf_f, grads_f) = step(native), step(fast)
+    assert ddf_f.shape == ddf_n.shape == (1, 3, 16, 64, 64)
+    assert ddf_n.abs().max() > 0
+    torch.testing.assert_close(ddf_f, ddf_n, rtol=1e-4, atol=1e-5 * float(ddf_n.abs().max()))
+    assert len(grads_f) == len(grads_n) > 0
+    for gf, gn in zip(grads_f, grads_n):
+        torch.testing.assert_close(gf, gn, rtol=1e-3, atol=1e-4 * float(gn.abs().max()) + 1e-12)
+
+
+def test_the_3d_fast_path_leaves_other_calls_alone():
+    """Batch 2, 2D and float64 inputs take no padding (the hook returns nothing); batch 1 in 3D is padded."""
+    from diffreg.device import _takes_slow_path
+
+    conv3, conv2 = torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.zeros(1, 4, 8, 32, 32)
+    assert _takes_slow_path(conv3, x) == torch.backends.mkldnn.is_available()
+    assert not _takes_slow_path(conv3, torch.zeros(2, 4, 8, 32, 32))
+    assert not _takes_slow_path(conv3, x.double())
+    assert not _takes_slow_path(conv3, torch.zeros(1, 4, 160, 160, 8))    # above ATen's threshold: oneDNN already
+    assert not _takes_slow_path(torch.nn.Conv3d(4, 4, 1), x)              # 1 x 1 x 1: the native kernel is faster
+    assert not _takes_slow_path(conv2, torch.zeros(1, 4, 32, 32))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffreg.config import MethodConfig, get_config
+from diffreg.device import cpu_conv3d_fast_path
 from diffreg.models.base import BaseModel, DeformationGenerator, RegistrationModel, RegistrationResult
 from diffreg.models.classical import ANTsSyN
 from diffreg.models.corrmlp import CorrMLP
@@ -61,7 +62,7 @@ def build(name: str | MethodConfig, profile: str = "quick", dims: int | None = N
     if cfg.method not in MODELS:
         raise ValueError(f"unknown model {cfg.method!r}; known: {', '.join(sorted(MODELS))}")
     kwargs = {**cfg.model, **overrides}
-    return MODELS[cfg.method](dims=cfg.data.dims, **kwargs)
+    return cpu_conv3d_fast_path(MODELS[cfg.method](dims=cfg.data.dims, **kwargs))
 
 
 def is_generator(method: str) -> bool:
