@@ -1,32 +1,73 @@
 """One training step of diffreg's models against the official code, side by side in one process, on the CPU.
 
 For each model the official network and loss and diffreg's are built at the paper configuration (the official
-widths; a smaller 3D volume than ACDC's 32 x 128 x 128 so that a CPU step takes seconds), the same batch is fed to
-both, and a training step (forward, loss, backward, optimiser step, and what the official loop does besides:
-gradient clipping, the EMA teacher) is timed alternately, ours then theirs, ``--steps`` times after two warm-up
-steps each. The ratio is diffreg's median over the official median: above 1.0, diffreg is slower, and the script
-prints a profile of both steps (the operators that take the time).
+widths; smaller inputs than the papers' so that a CPU step takes seconds, or half a minute for DiffuseReg), the same
+batch is fed to both, and a training step (forward, loss, backward, optimiser step, and what the official loop does
+besides: gradient clipping, the EMA teacher) is timed alternately, ours then theirs, ``--steps`` times after two
+warm-up steps each. The ratio is diffreg's median over the official median: above 1.0, diffreg is slower, and the
+script prints a profile of both steps (the operators that take the time). The parameter counts of both networks are
+reported, with how many of them never receive a gradient (dead weights, which the official code of some models has).
 
-The official code is not part of this project: give the path of a checkout that you provide. Nothing of it is
-copied or committed; it is imported from that path at run time (a missing ``huggingface_hub`` is stubbed, it is only
-used for the hub mix-in). Its networks make no CUDA calls at construction or in forward, so nothing needs patching
-on the CPU.
+Models, their official code and inputs (batch ``--batch``):
+
+* CorrMLP and FlowReg (``mathpluscode/FlowReg``, which re-implements CorrMLP): ``--size`` (16 x 64 x 64). The official
+  step is that of ``flowreg/train.py`` (for FlowReg its reflow phase, 98 of the 100 epochs).
+* DiffuseReg (``YutaZhuo/DiffuseReg``): ``--diffusereg-size`` (32 x 64 x 64, the smallest volume that the official
+  Swin-UNETR accepts with its window 2 x 4 x 4: every side a multiple of 32, H and W at least 64), feature size
+  ``--diffusereg-feature-size`` for both (120, the official ``config/train_3D.json``: ~437 M parameters). The official
+  step is ``DDPM.optimize_parameters`` of ``model/model.py`` (AdamW over ``netG.parameters()``;
+  ``GaussianDiffusion.p_losses``).
+* LDM-Morph (``wujiong-hub/LDM-Morph``): ``--ldm-morph-size`` (128 x 128, the paper's 2D images). The step is the
+  registration network's (stage 2); the autoencoder and the latent U-Net of stage 1 are frozen in both and untrained
+  (a step costs the same whatever their weights). The official step is the body of the training loop of
+  ``train.py`` (Adam, lr 1e-4, ``beta`` 0.6, ``smth_labda`` 0.01, features at ``t_enc = 1``).
+
+The official code is not part of this project: give the paths of checkouts that you provide (``--flowreg``,
+``--diffusereg``, ``--ldm-morph``; the models of the checkouts given are timed). Nothing of it is copied or
+committed; it is imported from those paths at run time, each checkout's top-level packages set apart from the
+others' while it is imported and its objects are built (FlowReg and LDM-Morph both have a ``utils``). Stubbed or
+patched, in memory only:
+
+* FlowReg: a missing ``huggingface_hub`` is stubbed (only its hub mix-in class is used). Its networks make no CUDA
+  calls.
+* DiffuseReg: MONAI's ``deprecated_arg`` decorator is a pass-through while ``swin_unetR`` is imported (MONAI >= 1.5
+  raises on the ``img_size`` argument that the official ``SwinUNETR`` requires). While the official model is built,
+  ``Tensor.to`` and ``Tensor.cuda`` keep tensors on the CPU (``set_loss`` builds an NCC loss, not used by the
+  training loss, with its filter on ``cuda:0``); the step itself runs unpatched. ``networks.define_G`` cannot build
+  the model (it names an undefined ``unet`` and loads a VTN checkpoint), so ``GaussianDiffusion`` is built with the
+  arguments that it passes and the values of ``train_3D.json``, and ``DDPM.optimize_parameters`` runs on a ``DDPM``
+  whose attributes are set as its constructor sets them. The frozen network that gives ``phi_0`` (``bootstrap``, a
+  pre-trained VTN cascade: a checkpoint, an affine stem hard-wired to 32 x 128 x 128 and a ``.cuda()`` in its
+  forward) is replaced by diffreg's teacher VoxelMorph, the same frozen module in both steps.
+* LDM-Morph: missing modules are stubbed: ``pytorch_lightning`` (``LightningModule`` is ``torch.nn.Module``,
+  ``rank_zero_only`` the identity), ``torchvision.utils.make_grid`` (logging), ``ml_collections.ConfigDict`` (an
+  attribute namespace), ``timm.models.layers`` (MONAI's equivalent ``DropPath`` and ``trunc_normal_``),
+  ``pystrum`` (evaluation) and taming's ``VectorQuantizer2`` (its codebook only: the step encodes with
+  ``VQModelInterface.encode``, which stops before the quantiser). The LDM is built from
+  ``configs/latent-diffusion/casmus-ldm-vq16-64ch.yaml`` without its checkpoint and with the autoencoder's training
+  loss (taming's LPIPS + discriminator, never called here) replaced by ``torch.nn.Identity``. ``train.py`` parses
+  its arguments and trains when imported, so its loop body is restated below with the official objects, without its
+  ``.cuda()`` calls.
 
 Usage::
 
-    git clone https://github.com/mathpluscode/FlowReg /path/to/FlowReg   # commit 286411e was timed
-    python benchmarks/speed_vs_official.py --flowreg /path/to/FlowReg --out benchmarks/speed_vs_official.md
-
-Models: CorrMLP and FlowReg (``mathpluscode/FlowReg``, which re-implements CorrMLP). DiffuseReg and LDM-Morph are
-not timed yet (see ``benchmarks/speed_vs_official.md``).
+    git clone https://github.com/mathpluscode/FlowReg /path/to/FlowReg      # commit 286411e was timed
+    git clone https://github.com/YutaZhuo/DiffuseReg /path/to/DiffuseReg    # commit 95b1ad8
+    git clone https://github.com/wujiong-hub/LDM-Morph /path/to/LDM-Morph   # commit e25f1af
+    python benchmarks/speed_vs_official.py --flowreg /path/to/FlowReg --diffusereg /path/to/DiffuseReg \\
+        --ldm-morph /path/to/LDM-Morph --out benchmarks/speed_vs_official.md
 """
 
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import contextlib
 import copy
 import datetime
 import importlib
+import io
+import json
 import platform
 import statistics
 import subprocess
@@ -37,6 +78,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,25 +87,81 @@ from diffreg.config import get_config  # noqa: E402
 from diffreg.models import build  # noqa: E402
 from diffreg.train import make_optimizer, train_step  # noqa: E402
 
+#: the top-level packages of each official checkout that the script imports
+FLOWREG_PACKAGES = ("corrmlp", "flowreg", "utils")
+DIFFUSEREG_PACKAGES = ("model",)
+LDM_MORPH_PACKAGES = ("ldm", "TransModels", "utils", "taming")
 
-def official_modules(path: Path) -> dict[str, types.ModuleType]:
-    """The official ``corrmlp.networks``, ``flowreg.networks`` and ``utils.losses`` imported from ``path``."""
-    if "huggingface_hub" not in sys.modules:
-        try:
-            importlib.import_module("huggingface_hub")
-        except ImportError:   # only the hub mix-in class is used
-            hub = types.ModuleType("huggingface_hub")
-            hub.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
-            sys.modules["huggingface_hub"] = hub
-    sys.path.insert(0, str(path))
+
+def _missing(name: str) -> bool:
     try:
-        return {name: importlib.import_module(name)
-                for name in ("corrmlp.networks", "flowreg.networks", "utils.losses")}
+        importlib.import_module(name)
+    except ImportError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def checkout(path: Path, packages: tuple[str, ...], stubs: tuple[tuple[str, dict], ...] = ()):
+    """Import from the official checkout ``path``: its top-level ``packages`` come from there (modules of the same
+    names imported before, another checkout's ``utils`` say, are set aside and put back afterwards), and every
+    ``(module name, attributes)`` of ``stubs`` that cannot be imported is a stub module meanwhile. Build the official
+    objects inside the block."""
+    def own(name: str) -> bool:
+        return name.split(".")[0] in packages
+
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if own(k)}
+    sys.path.insert(0, str(path))
+    stubbed = []
+    try:
+        for name, attributes in stubs:
+            if _missing(name):
+                module = types.ModuleType(name)
+                module.__dict__.update(attributes)
+                sys.modules[name] = module
+                stubbed.append(name)
+        yield
     finally:
         sys.path.remove(str(path))
+        for k in [k for k in sys.modules if own(k)] + stubbed:
+            sys.modules.pop(k, None)
+        sys.modules.update(saved)
 
 
-def _official_corrmlp_step(mods, size, steps_budget):
+@contextlib.contextmanager
+def on_cpu():
+    """``Tensor.to`` a CUDA device and ``Tensor.cuda()`` leave tensors on the CPU (for official code that puts
+    tensors on the GPU when it is built)."""
+    to, cuda = torch.Tensor.to, torch.Tensor.cuda
+
+    def cpu(device):
+        return "cpu" if isinstance(device, (str, torch.device)) and str(device).startswith("cuda") else device
+
+    def to_cpu(self, *args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = cpu(kwargs["device"])
+        return to(self, *(cpu(x) for x in args), **kwargs)
+
+    torch.Tensor.to, torch.Tensor.cuda = to_cpu, lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.to, torch.Tensor.cuda = to, cuda
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CorrMLP and FlowReg (mathpluscode/FlowReg)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _flowreg_modules(path: Path) -> dict[str, types.ModuleType]:
+    hub = (("huggingface_hub", {"PyTorchModelHubMixin": type("PyTorchModelHubMixin", (), {})}),)
+    with checkout(path, FLOWREG_PACKAGES, hub):
+        return {name: importlib.import_module(name)
+                for name in ("corrmlp.networks", "flowreg.networks", "utils.losses")}
+
+
+def _official_corrmlp_step(path, size, ours, a):
+    mods = _flowreg_modules(path)
     net = mods["corrmlp.networks"].CorrMLP(1, 8, 16, use_checkpoint=False)
     ncc, grad = mods["utils.losses"].NCC(win=9), mods["utils.losses"].Grad("l2")
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -78,7 +176,8 @@ def _official_corrmlp_step(mods, size, steps_budget):
     return net, step
 
 
-def _official_flowreg_step(mods, size, steps_budget):
+def _official_flowreg_step(path, size, ours, a):
+    mods = _flowreg_modules(path)
     nets = mods["flowreg.networks"]
     net = nets.FlowReg(1, 8, 16, 64, use_checkpoint=False)
     teacher = copy.deepcopy(net).requires_grad_(False).eval()
@@ -111,12 +210,166 @@ def _official_flowreg_step(mods, size, steps_budget):
     return net, step
 
 
-def _diffreg_step(method, size):
+# ----------------------------------------------------------------------------------------------------------------
+# DiffuseReg (YutaZhuo/DiffuseReg)
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Bootstrap:
+    """The official ``bootstrap`` interface (``eval()``; ``(fixed, moving) -> (flows, warps, results)``, the field
+    ``phi_0`` in ``flows[-1]``) around diffreg's frozen teacher. Not a module: the official VTN cascade keeps its
+    networks in a Python list, so they are not among ``netG.parameters()`` either."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+    def eval(self) -> "_Bootstrap":
+        self.net.eval()
+        return self
+
+    def __call__(self, fixed, moving):
+        return [self.net(moving, fixed)], None, None
+
+
+def _official_diffusereg_step(path, size, ours, a):
+    conf = json.loads((path / "config" / "train_3D.json").read_text())
+    model_conf, optim_conf = conf["model"], conf["train"]["optimizer"]
+    swin = {**model_conf["swin_unetR"], "img_size": list(size), "feature_size": a.diffusereg_feature_size}
+    deprecate = importlib.import_module("monai.utils.deprecate_utils")
+    with checkout(path, DIFFUSEREG_PACKAGES):
+        keep = deprecate.deprecated_arg
+        deprecate.deprecated_arg = lambda *args, **kwargs: (lambda f: f)
+        try:
+            swin_unetr = importlib.import_module("model.diffusion_3D.swin_unetR")
+        finally:
+            deprecate.deprecated_arg = keep
+        cfg_diffusion = importlib.import_module("model.diffusion_3D.CFG_diffusion")
+        unet = importlib.import_module("model.diffusion_3D.unet")
+        ddpm_module = importlib.import_module("model.model")
+        with on_cpu():
+            net = swin_unetr.SwinUNETR(**swin)
+            # networks.define_G's arguments; the keys missing from train_3D.json read None there (NoneDict)
+            net_g = cfg_diffusion.GaussianDiffusion(
+                net, unet.SpatialTransform(list(size)), _Bootstrap(ours.teacher), channels=None, loss_type="l2",
+                conditional=model_conf["diffusion"]["conditional"], schedule_opt=model_conf["beta_schedule"]["train"],
+                loss_lambda=None, gamma=None, scaler=None, mean=model_conf["diffusion"]["flow_mean"],
+                std=model_conf["diffusion"]["flow_std"])
+            # DDPM.__init__: set_loss, the training noise schedule, train mode, AdamW over netG.parameters()
+            net_g.set_loss("cpu")
+            net_g.set_new_noise_schedule(model_conf["beta_schedule"]["train"], "cpu")
+    net_g.train()
+    ddpm = object.__new__(ddpm_module.DDPM)
+    ddpm.opt = {"phase": "train", "train": {"amp": conf["train"]["amp"]}}
+    ddpm.netG = net_g
+    ddpm.optG = torch.optim.AdamW(list(net_g.parameters()), lr=optim_conf["lr"],
+                                  weight_decay=optim_conf["weight_decay"])
+    ddpm.log_dict = {}
+
+    def step(fixed, moving):   # train_acdc.py: feed_data, then optimize_parameters
+        ddpm.data = {"M": moving, "F": fixed}
+        ddpm.optimize_parameters()
+
+    return net, step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LDM-Morph (wujiong-hub/LDM-Morph)
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Codebook(nn.Module):
+    """Stands in for taming's ``VectorQuantizer2``: its codebook parameters only (never called in the step)."""
+
+    def __init__(self, n_e, e_dim, beta=0.25, remap=None, sane_index_shape=False) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_e, e_dim)
+
+
+def _ntuple(n):
+    return lambda x: tuple(x) if isinstance(x, collections.abc.Iterable) else (x,) * n
+
+
+def _ldm_morph_stubs() -> tuple[tuple[str, dict], ...]:
+    from monai.networks.layers import DropPath, trunc_normal_
+
+    return (
+        ("pytorch_lightning", {"LightningModule": nn.Module}),
+        ("pytorch_lightning.utilities", {}),
+        ("pytorch_lightning.utilities.distributed", {"rank_zero_only": lambda f: f}),
+        ("torchvision", {}),
+        ("torchvision.utils", {"make_grid": None}),
+        ("ml_collections", {"ConfigDict": type("ConfigDict", (types.SimpleNamespace,), {})}),
+        ("timm", {}),
+        ("timm.models", {}),
+        ("timm.models.layers", {"DropPath": DropPath, "trunc_normal_": trunc_normal_, "to_2tuple": _ntuple(2),
+                                "to_3tuple": _ntuple(3)}),
+        ("pystrum", {}),
+        ("pystrum.pynd", {}),
+        ("pystrum.pynd.ndutils", {}),
+        ("taming", {}),
+        ("taming.modules", {}),
+        ("taming.modules.vqvae", {}),
+        ("taming.modules.vqvae.quantize", {"VectorQuantizer2": _Codebook}),
+    )
+
+
+def _official_ldm_morph_step(path, size, ours, a):
+    import yaml
+
+    conf = yaml.safe_load((path / "configs" / "latent-diffusion" / "casmus-ldm-vq16-64ch.yaml").read_text())["model"]
+    first_stage = conf["params"]["first_stage_config"]["params"]
+    first_stage.pop("ckpt_path", None)
+    first_stage["lossconfig"] = {"target": "torch.nn.Identity"}
+    with checkout(path, LDM_MORPH_PACKAGES, _ldm_morph_stubs()):
+        util = importlib.import_module("ldm.util")
+        ldm_morph = importlib.import_module("TransModels.LDMMorph")
+        reg_utils = importlib.import_module("utils.utils")
+        with contextlib.redirect_stdout(io.StringIO()):
+            ldm_model = util.instantiate_from_config(conf)   # train.py: load_model_from_config
+        ldm_model.eval()
+        net = ldm_morph.LDMMorph(128 * 2, 192 * 2, 320 * 2, 448 * 2)
+    similarity, smoothness = reg_utils.MSE().loss, reg_utils.smoothloss
+    transform = reg_utils.SpatialTransform()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    beta, smooth, t_enc = 0.6, 0.01, 1   # train.py defaults
+
+    def step(fixed, moving):   # the body of train.py's training loop (X moving, Y fixed)
+        X, Y, t = moving, fixed, torch.tensor([t_enc])
+        mov_z = ldm_model.get_first_stage_encoding(ldm_model.encode_first_stage(X)).detach()
+        fix_z = ldm_model.get_first_stage_encoding(ldm_model.encode_first_stage(Y)).detach()
+        noise = torch.randn_like(mov_z)
+        x_noisy = ldm_model.q_sample(x_start=mov_z, t=t, noise=noise)
+        y_noisy = ldm_model.q_sample(x_start=fix_z, t=t, noise=noise)
+        outx = ldm_model.apply_model(x_noisy, t=t, cond=None, return_ids=True)
+        outy = ldm_model.apply_model(y_noisy, t=t, cond=None, return_ids=True)
+        scores = [torch.cat((outx[1][0][i], outx[1][0][i + 2], outy[1][0][i], outy[1][0][i + 2]), dim=1)
+                  for i in (0, 3, 6, 9)]
+        D_f_xy = net(X, Y, *scores)
+        _, X_Y = transform(X, D_f_xy.permute(0, 2, 3, 1))
+        mov_z = ldm_model.get_first_stage_encoding(ldm_model.encode_first_stage(X_Y)).detach()
+        loss1 = beta * similarity(Y, X_Y) + (1 - beta) * similarity(mov_z, fix_z)
+        loss2 = smoothness(D_f_xy)
+        loss = loss1 + smooth * loss2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _ = (loss.item(), loss1.item(), loss2.item())   # logged
+
+    return net, step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffreg and the timing
+# ----------------------------------------------------------------------------------------------------------------
+
+def _diffreg_step(method, size, a):
     cfg = get_config(method, "paper")
     cfg.data.size = tuple(size)
+    if method == "diffusereg":
+        cfg.model["feature_size"] = a.diffusereg_feature_size
     model = build(cfg)
     if method == "flowreg":
         model.warmup_done.fill_(True)   # time the reflow step
+    if method == "ldm-morph":
+        model.stage1_ready.fill_(True)   # stage 1 frozen (untrained, as the official one here)
     model.train()
     opt = make_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -128,14 +381,54 @@ def _diffreg_step(method, size):
     return model, step
 
 
-OFFICIAL = {"corrmlp": _official_corrmlp_step, "flowreg": _official_flowreg_step}
+#: model -> (official step builder, checkout option, official repository)
+OFFICIAL = {
+    "corrmlp": (_official_corrmlp_step, "flowreg", "mathpluscode/FlowReg"),
+    "flowreg": (_official_flowreg_step, "flowreg", "mathpluscode/FlowReg"),
+    "diffusereg": (_official_diffusereg_step, "diffusereg", "YutaZhuo/DiffuseReg"),
+    "ldm-morph": (_official_ldm_morph_step, "ldm_morph", "wujiong-hub/LDM-Morph"),
+}
+
+#: what each row measures besides the table (written under it)
+NOTES = {
+    "corrmlp": "CorrMLP, FlowReg: the official networks were built with `use_checkpoint=False`: their default "
+               "recomputes activations in the backward pass to save memory, which is slower and is not a property "
+               "of the model.",
+    "diffusereg": "DiffuseReg: both denoisers at the feature size above (120: the paper's, from the official "
+                  "`train_3D.json`; depths 2/2/2/2, heads 3/6/12/24, window 2 x 4 x 4), on the smallest volume the "
+                  "official Swin-UNETR accepts with that window. The official count includes the image encoder's "
+                  "last Swin stage and patch merging, which feed nothing (its parameters without gradient); "
+                  "diffreg leaves them out. Both steps take `phi_0` from the same frozen teacher (diffreg's "
+                  "VoxelMorph; the official pre-trained VTN cascade is hard-wired to 32 x 128 x 128 and needs a "
+                  "GPU), so they differ in the denoiser, the loss and the optimiser only. diffreg's fused "
+                  "attention computes the queries of the field tokens only (the others are discarded by eq. 2), "
+                  "with its conditional mask (`mask=\"paper\"`) where the official code tiles the shifted-window "
+                  "mask.",
+    "ldm-morph": "LDM-Morph: stage 1 is frozen and untrained in both. The latent U-Nets have the same 22,409,537 "
+                 "parameters; the autoencoders differ (official: the LDM VQGAN encoder, with attention and a middle "
+                 "block; diffreg: a MONAI VQ-VAE). The official count includes parameters without gradient (the "
+                 "decoder convolutions that its forward skips, two LWSA convolutions, unused LWCA LayerNorms); "
+                 "diffreg leaves them out and has 1,179,648 more in its first decoder block (the deepest LGCA "
+                 "output concatenates both branches, as sec. 3.3.2 describes). The feature extraction differs: the "
+                 "official loop noises the latents with `q_sample` to `t = 1` and runs the U-Net once per image "
+                 "*with* gradients (the backward pass goes through its encoder half, though its parameters are not "
+                 "optimised); diffreg's paper profile runs DDIM inversion (two U-Net passes) and the feature pass "
+                 "without gradients. The official latent term `E(M o phi)` is detached (it trains nothing); "
+                 "diffreg's back-propagates through the frozen encoder.",
+}
 
 
-def time_pair(method, mods, size, steps, batch):
+def _count(model: nn.Module, trainable_only: bool) -> tuple[int, int]:
+    """(parameters, of which without a gradient after the last step)."""
+    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.grad is None)
+
+
+def time_pair(method, path, size, steps, batch, a):
     torch.manual_seed(0)
     fixed, moving = torch.rand(batch, 1, *size), torch.rand(batch, 1, *size)
-    ours_model, ours = _diffreg_step(method, size)
-    theirs_model, theirs = OFFICIAL[method](mods, size, steps)
+    ours_model, ours = _diffreg_step(method, size, a)
+    theirs_model, theirs = OFFICIAL[method][0](path, size, ours_model, a)
     times = {"diffreg": [], "official": []}
     for i in range(steps + 2):
         for name, fn in (("diffreg", ours), ("official", theirs)):
@@ -143,8 +436,7 @@ def time_pair(method, mods, size, steps, batch):
             fn(fixed, moving)
             if i >= 2:
                 times[name].append(time.perf_counter() - t0)
-    params = (sum(p.numel() for p in ours_model.net.parameters()),
-              sum(p.numel() for p in theirs_model.parameters()))
+    params = (_count(ours_model, trainable_only=True), _count(theirs_model, trainable_only=False))
     return times, params, (ours, theirs, fixed, moving)
 
 
@@ -154,42 +446,87 @@ def profile(fn, fixed, moving, rows=8) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def _commit(path: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--flowreg", type=Path, required=True, help="a checkout of mathpluscode/FlowReg")
-    ap.add_argument("--size", type=int, nargs=3, default=[16, 64, 64], help="volume size (D H W), divisible by 8")
+    ap.add_argument("--flowreg", type=Path, default=None,
+                    help="a checkout of mathpluscode/FlowReg (times CorrMLP and FlowReg)")
+    ap.add_argument("--diffusereg", type=Path, default=None, help="a checkout of YutaZhuo/DiffuseReg")
+    ap.add_argument("--ldm-morph", type=Path, default=None, help="a checkout of wujiong-hub/LDM-Morph")
+    ap.add_argument("--size", type=int, nargs=3, default=[16, 64, 64],
+                    help="CorrMLP and FlowReg volume (D H W), divisible by 8")
+    ap.add_argument("--diffusereg-size", type=int, nargs=3, default=[32, 64, 64],
+                    help="DiffuseReg volume (D H W): multiples of 32, H and W at least 64 for the official code")
+    ap.add_argument("--diffusereg-feature-size", type=int, default=120,
+                    help="feature size of both DiffuseReg denoisers (120: the paper's; a multiple of 12)")
+    ap.add_argument("--ldm-morph-size", type=int, nargs=2, default=[128, 128],
+                    help="LDM-Morph image size (H W), multiples of 32")
     ap.add_argument("--steps", type=int, default=5, help="timed steps of each (after 2 warm-up steps)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     a = ap.parse_args()
+    if not (a.flowreg or a.diffusereg or a.ldm_morph):
+        ap.error("give at least one official checkout: --flowreg, --diffusereg or --ldm-morph")
     torch.set_num_threads(a.threads)
-    mods = official_modules(a.flowreg.resolve())
-    try:
-        commit = subprocess.run(["git", "-C", str(a.flowreg), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    rows, profiles = [], []
-    for method in ("corrmlp", "flowreg"):
-        times, (p_ours, p_theirs), (ours, theirs, fixed, moving) = time_pair(method, mods, a.size, a.steps, a.batch)
+    sizes = {"corrmlp": a.size, "flowreg": a.size, "diffusereg": a.diffusereg_size, "ldm-morph": a.ldm_morph_size}
+    rows, profiles, notes, repos, options = [], [], [], {}, []
+    for option, flag in (("flowreg", "--flowreg PATH"), ("diffusereg", "--diffusereg PATH"),
+                         ("ldm_morph", "--ldm-morph PATH")):
+        if getattr(a, option):
+            options.append(flag)
+    if a.flowreg:
+        options.append(f"--size {' '.join(map(str, a.size))}")
+    if a.diffusereg:
+        options.append(f"--diffusereg-size {' '.join(map(str, a.diffusereg_size))} "
+                       f"--diffusereg-feature-size {a.diffusereg_feature_size}")
+    if a.ldm_morph:
+        options.append(f"--ldm-morph-size {' '.join(map(str, a.ldm_morph_size))}")
+    for method, (_, option, repo) in OFFICIAL.items():
+        path = getattr(a, option)
+        if path is None:
+            continue
+        path = path.resolve()
+        repos.setdefault(repo, _commit(path))
+        size = sizes[method]
+        times, ((p_ours, dead_ours), (p_theirs, dead_theirs)), (ours, theirs, fixed, moving) = time_pair(
+            method, path, size, a.steps, a.batch, a)
         med = {k: statistics.median(v) for k, v in times.items()}
         ratio = med["diffreg"] / med["official"]
-        rows.append(f"| {method} | {p_ours:,} | {p_theirs:,} | {med['diffreg']:.3f} | {med['official']:.3f} | "
+        rows.append(f"| {method} | {' x '.join(map(str, size))} | {p_ours:,} | {p_theirs:,} | "
+                    f"{dead_ours:,} / {dead_theirs:,} | {med['diffreg']:.3f} | {med['official']:.3f} | "
                     f"{ratio:.2f} |")
         print(rows[-1], flush=True)
+        if method in NOTES:
+            notes.append(NOTES[method])
         if ratio > 1.0:
             profiles.append(f"### {method}: diffreg\n\n```\n{profile(ours, fixed, moving)}\n```\n\n"
                             f"### {method}: official\n\n```\n{profile(theirs, fixed, moving)}\n```\n")
+        del ours, theirs, fixed, moving
     cpu = platform.processor() or platform.machine()
+    widths = ("Paper widths" if not a.diffusereg or a.diffusereg_feature_size == 120 else
+              f"Paper widths except DiffuseReg's feature size ({a.diffusereg_feature_size} in both instead of 120)")
     text = (f"# One training step against the official code\n\n"
-            f"`python benchmarks/speed_vs_official.py --flowreg PATH --size {' '.join(map(str, a.size))} "
-            f"--steps {a.steps} --batch {a.batch} --threads {a.threads}` with `mathpluscode/FlowReg` at commit "
-            f"{commit}; recorded {datetime.date.today().isoformat()} on {cpu} ({a.threads} thread), torch "
-            f"{torch.__version__}. Paper widths, a {tuple(a.size)} volume at batch {a.batch}; the median of "
-            f"{a.steps} steps of each, alternating; ratio = diffreg / official (above 1: diffreg is slower).\n\n"
-            "| model | parameters (diffreg) | parameters (official) | diffreg s/step | official s/step | ratio |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            f"`python benchmarks/speed_vs_official.py {' '.join(options)} --steps {a.steps} --batch {a.batch} "
+            f"--threads {a.threads}` with " + ", ".join(f"`{r}` at commit {c}" for r, c in repos.items()) +
+            f"; recorded {datetime.date.today().isoformat()} on {cpu} ({a.threads} thread), torch "
+            f"{torch.__version__}. {widths}, batch {a.batch}; the median of {a.steps} steps of each, "
+            "alternating, after two warm-up steps; ratio = diffreg / official (above 1: diffreg is slower). "
+            "\"No gradient\": parameters that receive no gradient in the step (dead weights).\n\n"
+            "| model | input | parameters (diffreg) | parameters (official) | no gradient (diffreg / official) | "
+            "diffreg s/step | official s/step | ratio |\n"
+            "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    text += ("\n" + ("No ratio is above 1.0, so no profile was needed." if not profiles else
+                     "Where a ratio is above 1.0, the profiles of both steps are below.") + "\n")
+    if notes:
+        text += "\n" + "\n\n".join(notes) + "\n"
     if profiles:
         text += "\n## Profiles of the steps where diffreg is slower\n\n" + "\n".join(profiles)
     print(text)
