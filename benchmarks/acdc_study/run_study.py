@@ -1,0 +1,238 @@
+"""Does diffusion help? Every learned method on real ACDC at several seeds, budgets and in 2D and 3D (metrics only).
+
+The study is a grid of *cells*, one per (dimensions, budget, seed): each cell is one :func:`diffreg.bench.run_bench`
+call that trains (or reuses) every learned method of ``python -m diffreg bench --methods all`` at an equal budget of
+training pairs (``--budget steps=N``) with that seed, and evaluates it on the held-out test patients. ANTs SyN does
+not depend on a seed or a budget and runs once per dimensionality. Cells run in the order of ``--plan``; a finished
+cell (its ``cell.json``) is skipped and an interrupted one resumes (finished runs are reused, a partial run continues
+from its checkpoint), so the command can be stopped and restarted at any time, and several processes may work on
+different cells (``--cells``).
+
+Each cell's runs are trained from the start: the quick profiles decay their learning rate over the budget, so a
+checkpoint at 600 pairs of a 3,000-pair run is not a 600-pair run.
+
+Data: the 20 patients of ``acdc-dev`` (HDF5 layout, no spacing stored), split by patient with diffreg's 70/10/20
+scheme (14 training, 2 validation, 4 test patients), ES registered to ED, the quick profile of each method.
+
+* 2D: the short-axis slices, a square around the heart resized to 64 x 64 (:class:`diffreg.data.ACDCPairs`).
+* 3D: whole stacks, resampled from the spacing assumed for the layout (10 x 1.5 x 1.5 mm, slice x row x column;
+  ACDC's in-plane spacing is 1.2-1.9 mm and its slice distance 5-10 mm, so distances in mm are approximate) to
+  6.3 x 3 x 3 mm (the papers' 3.15 x 1.5 x 1.5 mm at half the resolution) and cropped or padded around the centre
+  to 16 x 64 x 64. The slices are thicker than the papers' and the in-plane grid twice as coarse, so the
+  myocardium is 2-4 voxels thick.
+
+Usage::
+
+    python benchmarks/acdc_study/run_study.py --data PATH/acdc-dev --work PATH/study-runs          # everything
+    python benchmarks/acdc_study/run_study.py --data ... --work ... --cells 2d:600:0 2d:600:1     # some cells
+    python benchmarks/acdc_study/run_study.py --work PATH/study-runs --summarise-only              # tables, figures
+
+Outputs (``--out``, default ``benchmarks/acdc_study``): ``results.csv`` (one row per method, dims, budget and seed:
+the test-pair means), ``pairs.csv`` (every per-pair row), ``summary.md`` (mean and SD over seeds, and the per-seed
+difference of Dice against VoxelMorph), ``dice_vs_budget.png``, ``dims.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from diffreg.bench import run_bench, seed_summary  # noqa: E402
+from diffreg.evaluate import Table, read_csv  # noqa: E402
+
+#: the default order of the cells: what the smallest machine can finish first comes first
+PLAN = ["2d:600:0", "2d:600:1", "2d:600:2", "2d:syn", "2d:3000:0", "2d:3000:1", "2d:3000:2",
+        "3d:600:0", "3d:600:1", "3d:syn", "2d:15000:0", "2d:15000:1", "2d:15000:2"]
+STRUCTURES = ("lv", "myo", "lv_myo", "rv", "whole")
+METRICS = ("dice_initial", "dice", *(f"dice_{s}" for s in STRUCTURES), "folding_percent", "sdlogj", "hd95",
+           "ef_error", "seconds")
+OPTIONS = {"diffusereg": {"sampler": "ddim", "steps": 20}}   # DiffuseReg registers with DDIM, 20 steps
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def parse_cell(text: str) -> tuple[int, int | None, int | None]:
+    """``"2d:600:0"`` -> ``(2, 600, 0)``; ``"3d:syn"`` -> ``(3, None, None)``."""
+    parts = text.lower().split(":")
+    if len(parts) == 2 and parts[1] == "syn" and parts[0] in ("2d", "3d"):
+        return int(parts[0][0]), None, None
+    if len(parts) != 3 or parts[0] not in ("2d", "3d"):
+        raise ValueError(f"a cell is DIMS:BUDGET:SEED (e.g. 2d:600:0) or DIMS:syn, got {text!r}")
+    return int(parts[0][0]), int(parts[1]), int(parts[2])
+
+
+def cell_dir(work: Path, cell: str) -> Path:
+    return work / cell.replace(":", "_")
+
+
+def run_cell(cell: str, data: str, work: Path, device: str | None) -> None:
+    """Train (or reuse) and evaluate one cell; writes ``cell.json`` when it is finished."""
+    dims, budget, seed = parse_cell(cell)
+    folder = cell_dir(work, cell)
+    if (folder / "cell.json").exists():
+        print(f"{cell}: finished before, skipped", flush=True)
+        return
+    t0 = time.time()
+    methods = ["syn"] if budget is None else [m for m in _learned()]
+    run_bench(methods=methods, profile="quick", data=f"acdc-h5:{data}", runs=folder / "runs", out=folder / "bench",
+              dims=dims, device=device, options=None if budget is None else OPTIONS, budget=None if budget is None else f"steps={budget}",
+              seed=seed, figures=False, progress=False)
+    record = {"cell": cell, "dims": dims, "budget": budget, "seed": seed, "commit": _commit(),
+              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "seconds": round(time.time() - t0, 1), "cpu": _cpu(), "threads": _threads()}
+    (folder / "cell.json").write_text(json.dumps(record, indent=1))
+    print(f"{cell}: finished in {record['seconds']:.0f} s", flush=True)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _learned() -> list[str]:
+    from diffreg.bench import bench_methods
+
+    return [m for m in bench_methods("all")[0] if m != "syn"]
+
+
+def collect(work: Path) -> tuple[Table, Table, list[dict]]:
+    """Every finished cell's per-pair rows (with dims, budget, seed, commit) and the per-(method, cell) means."""
+    pairs, means, cells = Table(), Table(), []
+    for record_path in sorted(work.glob("*/cell.json")):
+        record = json.loads(record_path.read_text())
+        cells.append(record)
+        rows = read_csv(record_path.parent / "bench" / "results.csv")
+        for r in rows:
+            pairs.append({"dims": record["dims"], "budget": record["budget"] or "", "seed": record["seed"]
+                          if record["seed"] is not None else "", **r, "commit": record["commit"]})
+        for method in dict.fromkeys(r["method"] for r in rows):
+            sel = [r for r in rows if r["method"] == method]
+            row = {"method": method, "dims": record["dims"], "budget": record["budget"] or "",
+                   "seed": record["seed"] if record["seed"] is not None else "", "pairs": len(sel)}
+            for m in METRICS:
+                vals = [float(r[m]) for r in sel if m in r and r[m] not in ("", None) and float(r[m]) == float(r[m])]
+                row[m] = sum(vals) / len(vals) if vals else float("nan")
+            row["commit"] = record["commit"]
+            means.append(row)
+    return pairs, means, cells
+
+
+def summarise(work: Path, out: Path) -> None:
+    """Write ``results.csv``, ``pairs.csv``, ``summary.md`` and the figures from the finished cells."""
+    pairs, means, cells = collect(work)
+    if not cells:
+        raise SystemExit(f"no finished cell in {work}")
+    out.mkdir(parents=True, exist_ok=True)
+    means.to_csv(out / "results.csv")
+    pairs.to_csv(out / "pairs.csv")
+    lines = ["# Does diffusion help? The ACDC study (recorded)", "",
+             "Metrics only, on the 20 ACDC patients of `acdc-dev` (14 training, 2 validation, 4 test patients). "
+             "Made by `benchmarks/acdc_study/run_study.py` (its docstring: data, sizes, what a cell is).", "",
+             "## Cells finished", "", "| cell | commit | finished | seconds | CPU | threads |", "|---|---|---|---|---|---|"]
+    for c in cells:
+        lines.append(f"| {c['cell']} | {c['commit']} | {c['finished']} | {c['seconds']:.0f} | {c['cpu']} | "
+                     f"{c['threads']} |")
+    groups = sorted({(r["dims"], r["budget"]) for r in means if r["budget"] != ""})
+    syn = {r["dims"]: r for r in means if r["method"] == "syn"}
+    for dims, budget in groups:
+        rows = [r for r in pairs if r["dims"] == dims and r["budget"] == budget]
+        seeds = sorted({r["seed"] for r in rows})
+        summary = seed_summary([*rows, *[{**r, "seed": ""} for r in pairs if r["dims"] == dims
+                                         and r["method"] == "syn"]], columns=METRICS)
+        lines += ["", f"## {dims}D, {budget:,} training pairs, seeds {', '.join(map(str, seeds))}", "",
+                  "Mean ± SD over seeds of the per-seed test means; `dice - VM` is the per-seed difference of mean "
+                  "Dice against VoxelMorph (mean [min, max] over seeds) and `ahead` the seeds at which the method is "
+                  "ahead of VoxelMorph.", "",
+                  "| method | seeds | Dice | LV | Myo | RV | folding % | SD log J | HD95 | EF error | s / pair | "
+                  "dice - VM | ahead |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in summary:
+            def ms(col, fmt="{:.3f}"):
+                m, s = r.get(f"{col}_mean", float("nan")), r.get(f"{col}_sd", float("nan"))
+                return fmt.format(m) + ("" if s != s else " ± " + fmt.format(s))
+            diff = ("(reference)" if r["method"] == "voxelmorph" else
+                    f"{r['dice_diff_mean']:+.3f} [{r['dice_diff_min']:+.3f}, {r['dice_diff_max']:+.3f}]")
+            ahead = "" if r["method"] == "voxelmorph" else f"{r['seeds_ahead']} of {r['seeds']}"
+            lines.append(f"| {r['method']} | {r['seeds']} | {ms('dice')} | {ms('dice_lv')} | {ms('dice_myo')} | "
+                         f"{ms('dice_rv')} | {ms('folding_percent')} | {ms('sdlogj')} | {ms('hd95', '{:.2f}')} | "
+                         f"{ms('ef_error', '{:.1f}')} | {ms('seconds')} | {diff} | {ahead} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _figures(means, out)
+    print(f"wrote {out}/summary.md ({len(cells)} cells)")
+
+
+def _figures(means: Table, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    learned = [r for r in means if r["budget"] != ""]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, dims in zip(axes, (2, 3)):
+        rows = [r for r in learned if r["dims"] == dims]
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            budgets = sorted({r["budget"] for r in rows if r["method"] == method})
+            vals = [[r["dice"] for r in rows if r["method"] == method and r["budget"] == b] for b in budgets]
+            mean = [sum(v) / len(v) for v in vals]
+            ax.plot(budgets, mean, "o-", color=f"C{i}", label=method)
+            ax.fill_between(budgets, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.15)
+        for r in means:
+            if r["method"] == "syn" and r["dims"] == dims:
+                ax.axhline(r["dice"], color="k", ls="--", lw=1, label="ANTs SyN")
+        ax.set_xscale("log"), ax.set_title(f"{dims}D"), ax.set_xlabel("training pairs (log)"), ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test Dice (band: min-max over seeds)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "dice_vs_budget.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=os.environ.get("ACDC_DEV"), help="the acdc-dev folder (HDF5 layout)")
+    ap.add_argument("--work", type=Path, required=True, help="runs and per-cell benchmarks (resumed)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "acdc_study")
+    ap.add_argument("--cells", nargs="+", default=PLAN, help=f"cells to run, in order (default: {' '.join(PLAN)})")
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    ap.add_argument("--summarise-only", action="store_true")
+    args = ap.parse_args()
+    if not args.summarise_only:
+        if not args.data:
+            ap.error("--data is required (or ACDC_DEV)")
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for cell in args.cells:
+            parse_cell(cell)
+        for cell in args.cells:
+            run_cell(cell, args.data, args.work, args.device)
+            summarise(args.work, args.out)
+    else:
+        summarise(args.work, args.out)
+
+
+if __name__ == "__main__":
+    main()
