@@ -26,6 +26,9 @@ Usage::
     python benchmarks/acdc_study/run_study.py --data PATH/acdc-dev --work PATH/study-runs          # everything
     python benchmarks/acdc_study/run_study.py --data ... --work ... --cells 2d:600:0 2d:600:1     # some cells
     python benchmarks/acdc_study/run_study.py --work PATH/study-runs --summarise-only              # tables, figures
+    # the same grid at the papers' profiles on a GPU, on ACDC NIfTI with its spacing (book/reproducing.md)
+    python benchmarks/acdc_study/run_study.py --data acdc:/data/ACDC/training --profile paper --device cuda \
+        --work runs-study-paper --out study-paper
 
 Outputs (``--out``, default ``benchmarks/acdc_study``): ``results.csv`` (one row per method, dims, budget and seed:
 the test-pair means), ``pairs.csv`` (every per-pair row), ``summary.md`` (mean and SD over seeds, and the per-seed
@@ -86,8 +89,13 @@ def cell_dir(work: Path, cell: str) -> Path:
     return work / cell.replace(":", "_")
 
 
-def run_cell(cell: str, data: str, work: Path, device: str | None) -> None:
-    """Train (or reuse) and evaluate one cell; writes ``cell.json`` when it is finished."""
+def data_spec(data: str) -> str:
+    """A ``DIFFREG_DATA`` string: a bare folder is the HDF5 layout (``acdc-h5:FOLDER``)."""
+    return data if data.split(":", 1)[0] in ("acdc", "acdc-h5", "camus", "phantom") else f"acdc-h5:{data}"
+
+
+def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str = "quick") -> None:
+    """Train (or reuse) and evaluate one cell at ``profile``; writes ``cell.json`` when it is finished."""
     dims, budget, seed = parse_cell(cell)
     folder = cell_dir(work, cell)
     if (folder / "cell.json").exists():
@@ -95,10 +103,10 @@ def run_cell(cell: str, data: str, work: Path, device: str | None) -> None:
         return
     t0 = time.time()
     methods = ["syn"] if budget is None else [m for m in _learned()]
-    run_bench(methods=methods, profile="quick", data=f"acdc-h5:{data}", runs=folder / "runs", out=folder / "bench",
+    run_bench(methods=methods, profile=profile, data=data_spec(data), runs=folder / "runs", out=folder / "bench",
               dims=dims, device=device, options=None if budget is None else OPTIONS, budget=None if budget is None else f"steps={budget}",
               seed=seed, figures=False, progress=False)
-    record = {"cell": cell, "dims": dims, "budget": budget, "seed": seed, "commit": _commit(),
+    record = {"cell": cell, "dims": dims, "budget": budget, "seed": seed, "profile": profile, "commit": _commit(),
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "seconds": round(time.time() - t0, 1), "cpu": _cpu(), "threads": _threads()}
     (folder / "cell.json").write_text(json.dumps(record, indent=1))
@@ -155,7 +163,6 @@ def summarise(work: Path, out: Path) -> None:
         lines.append(f"| {c['cell']} | {c['commit']} | {c['finished']} | {c['seconds']:.0f} | {c['cpu']} | "
                      f"{c['threads']} |")
     groups = sorted({(r["dims"], r["budget"]) for r in means if r["budget"] != ""})
-    syn = {r["dims"]: r for r in means if r["method"] == "syn"}
     for dims, budget in groups:
         rows = [r for r in pairs if r["dims"] == dims and r["budget"] == budget]
         seeds = sorted({r["seed"] for r in rows})
@@ -211,7 +218,10 @@ def _figures(means: Table, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=os.environ.get("ACDC_DEV"), help="the acdc-dev folder (HDF5 layout)")
+    ap.add_argument("--data", default=os.environ.get("ACDC_DEV"),
+                    help="the acdc-dev folder (HDF5 layout), or a DIFFREG_DATA string such as acdc:PATH (NIfTI)")
+    ap.add_argument("--profile", default="quick", choices=["quick", "paper"],
+                    help="every method's profile (paper: the papers' networks; for a GPU)")
     ap.add_argument("--work", type=Path, required=True, help="runs and per-cell benchmarks (resumed)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "acdc_study")
     ap.add_argument("--cells", nargs="+", default=PLAN, help=f"cells to run, in order (default: {' '.join(PLAN)})")
@@ -228,7 +238,7 @@ def main() -> None:
         for cell in args.cells:
             parse_cell(cell)
         for cell in args.cells:
-            run_cell(cell, args.data, args.work, args.device)
+            run_cell(cell, args.data, args.work, args.device, args.profile)
             summarise(args.work, args.out)
     else:
         summarise(args.work, args.out)
