@@ -17,9 +17,15 @@ scheme (14 training, 2 validation, 4 test patients), ES registered to ED, the qu
 * 2D: the short-axis slices, a square around the heart resized to 64 x 64 (:class:`diffreg.data.ACDCPairs`).
 * 3D: whole stacks, resampled from the spacing assumed for the layout (10 x 1.5 x 1.5 mm, slice x row x column;
   ACDC's in-plane spacing is 1.2-1.9 mm and its slice distance 5-10 mm, so distances in mm are approximate) to
-  6.3 x 3 x 3 mm (the papers' 3.15 x 1.5 x 1.5 mm at half the resolution) and cropped or padded around the centre
-  to 16 x 64 x 64. The slices are thicker than the papers' and the in-plane grid twice as coarse, so the
+  3.15 x 3 x 3 mm (the papers' 3.15 x 1.5 x 1.5 mm with half the in-plane resolution) and cropped or padded
+  around the centre to 32 x 64 x 64 (:data:`SIZE_3D`: DiffuseReg's Swin encoder needs sizes divisible by 32, and
+  every method is trained and tested at the same size). The 6-18 slices of a stack become 19-57 interpolated
+  slices of which the central 32 (100 mm) are kept; the in-plane grid is twice as coarse as the papers', so the
   myocardium is 2-4 voxels thick.
+* 3D budget: 150 training pairs (about 11 passes over the 14 training volumes), what one CPU core trains for every
+  method in about an hour per seed (the quick 3D steps take 0.4-3.8 s at batch 1, ``benchmarks/speed_cpu.md``);
+  the stages before the main loop (DiffuseReg's teacher, LDM-Morph's autoencoder and latent U-Net) keep their
+  profile budgets.
 
 Usage::
 
@@ -55,10 +61,11 @@ from diffreg.evaluate import Table, read_csv  # noqa: E402
 
 #: the default order of the cells: what the smallest machine can finish first comes first
 PLAN = ["2d:600:0", "2d:600:1", "2d:600:2", "2d:syn", "2d:3000:0", "2d:3000:1", "2d:3000:2",
-        "3d:600:0", "3d:600:1", "3d:syn", "2d:15000:0", "2d:15000:1", "2d:15000:2"]
+        "3d:150:0", "3d:150:1", "3d:syn", "2d:15000:0", "2d:15000:1", "2d:15000:2"]
 STRUCTURES = ("lv", "myo", "lv_myo", "rv", "whole")
 METRICS = ("dice_initial", "dice", *(f"dice_{s}" for s in STRUCTURES), "folding_percent", "sdlogj", "hd95",
            "ef_error", "seconds")
+SIZE_3D = (32, 64, 64)
 OPTIONS = {"diffusereg": {"sampler": "ddim", "steps": 20}}   # DiffuseReg registers with DDIM, 20 steps
 
 
@@ -104,7 +111,7 @@ def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str 
     t0 = time.time()
     methods = ["syn"] if budget is None else [m for m in _learned()]
     run_bench(methods=methods, profile=profile, data=data_spec(data), runs=folder / "runs", out=folder / "bench",
-              dims=dims, device=device, options=None if budget is None else OPTIONS, budget=None if budget is None else f"steps={budget}",
+              dims=dims, size=SIZE_3D if dims == 3 else None, device=device, options=None if budget is None else OPTIONS, budget=None if budget is None else f"steps={budget}",
               seed=seed, figures=False, progress=False)
     record = {"cell": cell, "dims": dims, "budget": budget, "seed": seed, "profile": profile, "commit": _commit(),
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
