@@ -61,6 +61,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import collections.abc
 import contextlib
 import copy
@@ -84,6 +85,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffreg.config import get_config  # noqa: E402
+from diffreg.device import FAST_PATH_VARIABLE  # noqa: E402
+
+# Both sides run the convolution kernels PyTorch picks: diffreg's oneDNN fast path for 3D convolutions at batch 1
+# (diffreg.device.cpu_conv3d_fast_path) is a setting, not a property of the implementation, and it is off here.
+os.environ[FAST_PATH_VARIABLE] = "0"
 from diffreg.models import build  # noqa: E402
 from diffreg.train import make_optimizer, train_step  # noqa: E402
 
@@ -247,7 +253,7 @@ def _official_diffusereg_step(path, size, ours, a):
         ddpm_module = importlib.import_module("model.model")
         with on_cpu():
             net = swin_unetr.SwinUNETR(**swin)
-            # networks.define_G's arguments; the keys missing from train_3D.json read None there (NoneDict)
+            # networks.define_G's arguments; the keys missing from train_3D.json (at 95b1ad8) read None there
             net_g = cfg_diffusion.GaussianDiffusion(
                 net, unet.SpatialTransform(list(size)), _Bootstrap(ours.teacher), channels=None, loss_type="l2",
                 conditional=model_conf["diffusion"]["conditional"], schedule_opt=model_conf["beta_schedule"]["train"],

@@ -50,10 +50,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 #
 # PyTorch's CPU convolution picks oneDNN only when the batch has more than one sample, or when
 # batch x channels x depth x height exceeds 20,480 (``ConvParams::use_mkldnn`` in ATen's ``Convolution.cpp``: "for
-# some case, native is faster"). For a quick 3D volume (16 x 64 x 64) at batch 1 every 3 x 3 x 3 convolution falls
-# below that and runs ``slow_conv3d``, forward and backward, which is several times slower per sample than oneDNN at
-# batch 2 (``benchmarks/speed_cpu.md``, "3D convolutions at batch 1"). Padding the batch with one zero sample moves
-# the call to oneDNN; the zero sample's output is dropped, so it adds nothing to the result or to the gradients.
+# some case, native is faster"). For a quick 3D volume (16 x 64 x 64) at batch 1 most 3 x 3 x 3 convolutions fall
+# below that and run ``slow_conv3d``, forward and backward, which is several times slower per sample than oneDNN at
+# batch 2 (``benchmarks/conv3d_fast_path.md``). Padding the batch with one zero sample moves the call to oneDNN; the
+# zero sample's output is dropped, so it adds nothing to the result or to the gradients.
 
 FAST_PATH_VARIABLE = "DIFFREG_CPU_CONV3D_FAST"
 _MKLDNN_THRESHOLD = 20480
@@ -88,15 +88,18 @@ def cpu_conv3d_fast_path(model: nn.Module) -> nn.Module:
 
     Registers a forward pre-hook and a forward hook on every :class:`~torch.nn.Conv3d` and
     :class:`~torch.nn.ConvTranspose3d` of ``model``: when a call would take ATen's native kernel (a float32 CPU input
-    of batch 1 whose ``channels x depth x height`` is at most 20,480, the rule of ``ConvParams::use_mkldnn``), the input
-    is padded with one zero sample and the output of that sample is dropped. Results and gradients equal the native
-    kernel's up to float rounding (``tests/test_device.py``); the weights and the state dict are unchanged. Other
-    devices, dtypes and batch sizes pass through untouched. A quick 3D VoxelMorph step at batch 1 is measured before
-    and after in ``benchmarks/speed_cpu.md``.
+    of batch 1 whose ``channels x depth x height`` is at most 20,480, the rule of ``ConvParams::use_mkldnn``; kernels
+    ending in 1 x 1 and grouped convolutions excepted, where the native kernel is ATen's choice for other reasons),
+    the input is padded with one zero sample and the output of that sample is dropped. Results and gradients equal
+    the native kernel's up to float rounding (``tests/test_device.py``); the weights and the state dict are unchanged.
+    Other devices, dtypes and batch sizes pass through untouched. The cost is memory: a padded layer keeps the padded
+    input for its backward pass, twice the activation of the native call. The training step of every quick 3D
+    profile at batch 1 is measured before and after in ``benchmarks/speed_cpu.md``.
 
     :func:`diffreg.models.build` and :func:`diffreg.train.fit` apply it; calling it again does nothing. Set the
-    environment variable ``DIFFREG_CPU_CONV3D_FAST=0`` to leave models as PyTorch runs them (to measure the
-    difference).
+    environment variable ``DIFFREG_CPU_CONV3D_FAST=0`` before a model is built to leave it as PyTorch runs it (to
+    measure the difference). The hooks keep a flag on each convolution between its pre-hook and its hook, so one
+    model must not run forward passes in several threads at once.
     """
     if os.environ.get(FAST_PATH_VARIABLE, "1").strip() == "0":
         return model

@@ -3,7 +3,7 @@
 The study is a grid of *cells*, one per (dimensions, budget, seed): each cell is one :func:`diffreg.bench.run_bench`
 call that trains (or reuses) every learned method of ``python -m diffreg bench --methods all`` at an equal budget of
 training pairs (``--budget steps=N``) with that seed, and evaluates it on the held-out test patients. ANTs SyN does
-not depend on a seed or a budget and runs once per dimensionality. Cells run in the order of ``--plan``; a finished
+not depend on a seed or a budget and runs once per dimensionality. Cells run in the order of ``--cells`` (default :data:`PLAN`); a finished
 cell (its ``cell.json``) is skipped and an interrupted one resumes (finished runs are reused, a partial run continues
 from its checkpoint), so the command can be stopped and restarted at any time, and several processes may work on
 different cells (``--cells``).
@@ -20,12 +20,12 @@ scheme (14 training, 2 validation, 4 test patients), ES registered to ED, the qu
   3.15 x 3 x 3 mm (the papers' 3.15 x 1.5 x 1.5 mm with half the in-plane resolution) and cropped or padded
   around the centre to 32 x 64 x 64 (:data:`SIZE_3D`: DiffuseReg's Swin encoder needs sizes divisible by 32, and
   every method is trained and tested at the same size). The 6-18 slices of a stack become 19-57 interpolated
-  slices of which the central 32 (100 mm) are kept; the in-plane grid is twice as coarse as the papers', so the
-  myocardium is 2-4 voxels thick.
-* 3D budget: 150 training pairs (about 11 passes over the 14 training volumes), what one CPU core trains for every
-  method in about an hour per seed (the quick 3D steps take 0.4-3.8 s at batch 1, ``benchmarks/speed_cpu.md``);
-  the stages before the main loop (DiffuseReg's teacher, LDM-Morph's autoencoder and latent U-Net) keep their
-  profile budgets.
+  slices of which the central 32 (100 mm) are kept; the in-plane grid is twice as coarse as the papers'. At the
+  paper profile the profiles' own 3D size is used (32 x 128 x 128, the papers' 3.15 x 1.5 x 1.5 mm).
+* 3D budget: 150 training pairs (about 11 passes over the 14 training volumes): the quick 3D steps take 0.4-1.9 s
+  at batch 1 and 16 x 64 x 64 (``benchmarks/speed_cpu.md``), about twice that at 32 x 64 x 64, so one seed of
+  every method takes about an hour of one CPU core (``summary.md`` records each cell's duration). The stages before
+  the main loop (DiffuseReg's teacher, LDM-Morph's autoencoder and latent U-Net) keep their profile budgets.
 
 Usage::
 
@@ -112,9 +112,10 @@ def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str 
     t0 = time.time()
     methods = ["syn"] if budget is None else [m for m in _learned()]
     run_bench(methods=methods, profile=profile, data=data_spec(data), runs=folder / "runs", out=folder / "bench",
-              dims=dims, size=SIZE_3D if dims == 3 else None, device=device, options=None if budget is None else OPTIONS, budget=None if budget is None else f"steps={budget}",
+              dims=dims, size=SIZE_3D if dims == 3 and profile == "quick" else None, device=device, options=None if budget is None else OPTIONS, budget=None if budget is None else f"steps={budget}",
               seed=seed, figures=False, progress=False)
-    record = {"cell": cell, "dims": dims, "budget": budget, "seed": seed, "profile": profile, "commit": _commit(),
+    record = {"cell": cell, "dims": dims, "budget": budget, "seed": seed, "profile": profile,
+              "data": Path(data_spec(data).split(":", 1)[1]).name, "commit": _commit(),
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "seconds": round(time.time() - t0, 1), "cpu": _cpu(), "threads": _threads()}
     (folder / "cell.json").write_text(json.dumps(record, indent=1))
@@ -164,8 +165,9 @@ def summarise(work: Path, out: Path) -> None:
     means.to_csv(out / "results.csv")
     pairs.to_csv(out / "pairs.csv")
     lines = ["# Does diffusion help? The ACDC study (recorded)", "",
-             "Metrics only, on the 20 ACDC patients of `acdc-dev` (14 training, 2 validation, 4 test patients). "
-             "Made by `benchmarks/acdc_study/run_study.py` (its docstring: data, sizes, what a cell is).", "",
+             f"Metrics only; data {', '.join(sorted({c.get('data', '?') for c in cells}))}, profile "
+             f"{', '.join(sorted({c.get('profile', 'quick') for c in cells}))}. Made by "
+             "`benchmarks/acdc_study/run_study.py` (its docstring: data, split, sizes, what a cell is).", "",
              "## Cells finished", "", "| cell | commit | finished | seconds | CPU | threads |", "|---|---|---|---|---|---|"]
     for c in cells:
         lines.append(f"| {c['cell']} | {c['commit']} | {c['finished']} | {c['seconds']:.0f} | {c['cpu']} | "
