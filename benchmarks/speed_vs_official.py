@@ -11,7 +11,8 @@ reported, with how many of them never receive a gradient (dead weights, which th
 Models, their official code and inputs (batch ``--batch``):
 
 * CorrMLP and FlowReg (``mathpluscode/FlowReg``, which re-implements CorrMLP): ``--size`` (16 x 64 x 64). The official
-  step is that of ``flowreg/train.py`` (for FlowReg its reflow phase, 98 of the 100 epochs).
+  step is that of ``flowreg/train.py`` (for FlowReg its reflow phase, 98 of the 100 epochs: the body of its loop
+  over the batches, read from the checkout by :func:`official_loop_body` and run as it is).
 * DiffuseReg (``YutaZhuo/DiffuseReg``): ``--diffusereg-size`` (32 x 64 x 64, the smallest volume that the official
   Swin-UNETR accepts with its window 2 x 4 x 4: every side a multiple of 32, H and W at least 64), feature size
   ``--diffusereg-feature-size`` for both (120, the official ``config/train_3D.json``: ~437 M parameters). The official
@@ -46,8 +47,9 @@ patched, in memory only:
   ``VQModelInterface.encode``, which stops before the quantiser). The LDM is built from
   ``configs/latent-diffusion/casmus-ldm-vq16-64ch.yaml`` without its checkpoint and with the autoencoder's training
   loss (taming's LPIPS + discriminator, never called here) replaced by ``torch.nn.Identity``. ``train.py`` parses
-  its arguments and trains when imported, so its loop body is restated below with the official objects, without its
-  ``.cuda()`` calls.
+  its arguments and trains when imported, so the body of its training loop is read from the checkout
+  (:func:`official_loop_body`: the statements up to ``optimizer.step()``, its ``.cuda()`` calls removed) and run
+  with the official objects.
 
 Usage::
 
@@ -61,6 +63,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import collections.abc
 import contextlib
@@ -190,28 +193,20 @@ def _official_flowreg_step(path, size, ours, a):
     stn = nets.SpatialTransformer(mode="bilinear")
     ncc, grad = mods["utils.losses"].NCC(win=9), mods["utils.losses"].Grad("l2")
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    sp = (3.15, 1.5, 1.5)
-    scale = torch.tensor([min(sp) / s for s in sp]).view(1, 3, 1, 1, 1)
+    sp = (3.15, 1.5, 1.5)   # data/util.py SPACING (z, y, x)
 
-    def step(fixed, moving):   # one reflow step of flowreg/train.py (the phase of 98 of the 100 epochs)
-        b = fixed.shape[0]
-        noise = torch.randn(b, 3, *fixed.shape[2:]) * scale * 5
-        with torch.no_grad():
-            target = teacher(fixed, moving, noise, torch.zeros(b))
-        t = torch.sigmoid(torch.randn(b))
-        te = t[:, None, None, None, None]
-        pred = net(fixed, moving, (te * target + (1 - te) * noise).detach(), t)
-        warped = stn(moving, pred)
-        loss = ncc.loss(fixed, warped) + grad.loss(None, pred) * 1.0
-        F.mse_loss(pred - noise, (target - noise).detach())   # computed and logged, not optimised
-        ncc.loss(stn(fixed, pred), warped)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
-        opt.step()
-        with torch.no_grad():
-            for tp, sp_ in zip(teacher.parameters(), net.parameters()):
-                tp.mul_(0.99).add_(sp_, alpha=0.01)
+    # one reflow step (the phase of 98 of the 100 epochs): the body of flowreg/train.py's loop over the batches,
+    # from the checkout, in its ed2es direction; the images come in as the loader's [-1, 1]
+    script = path / "flowreg" / "train.py"
+    body = official_loop_body(script, "train_loader", "ema_update(teacher, model, ema_momentum)",
+                              first="if args.direction")
+    names = {"torch": torch, "F": F, "args": types.SimpleNamespace(direction="ed2es"), "device": torch.device("cpu"),
+             "SPACING": sp, "is_warmup": False, "model": net, "teacher": teacher, "stn": stn, "ncc_loss": ncc,
+             "grad_loss": grad, "reg_weight": 1.0, "v_mse_weight": 1.0, "optimizer": opt, "ema_momentum": 0.99,
+             "ema_update": official_function(script, "ema_update", {"torch": torch})}
+
+    def step(fixed, moving):
+        exec(body, {**names, "data": {"F": fixed * 2 - 1, "M": moving * 2 - 1}})
 
     return net, step
 
@@ -317,6 +312,44 @@ def _ldm_morph_stubs() -> tuple[tuple[str, dict], ...]:
     )
 
 
+def official_loop_body(script: Path, loader: str, last: str, first: str | None = None):
+    """The statements of ``script``'s loop over ``loader`` (a ``for`` whose iterable mentions it) from the one that
+    starts with ``first`` (default: the first) up to the one that reads ``last``, compiled, with every argument-free
+    ``.cuda()`` call replaced by its receiver (the tensors stay where they are). Used where an official training step
+    exists only as the body of a loop in a script: the step that is timed is the checkout's own text."""
+    tree = ast.parse(script.read_text())
+    loop = next(n for n in ast.walk(tree) if isinstance(n, ast.For) and loader in ast.unparse(n.iter))
+    body, started = [], first is None
+    for stmt in loop.body:
+        started = started or ast.unparse(stmt).startswith(first)
+        if started:
+            body.append(stmt)
+        if started and ast.unparse(stmt).strip() == last:
+            break
+    else:
+        raise ValueError(f"{script}: no statement {last!r} in the loop over {loader}")
+
+    class _NoCuda(ast.NodeTransformer):
+        def visit_Call(self, node):
+            self.generic_visit(node)
+            if isinstance(node.func, ast.Attribute) and node.func.attr == "cuda" and not node.args:
+                return node.func.value
+            return node
+
+    module = ast.fix_missing_locations(ast.Module(body=[_NoCuda().visit(s) for s in body], type_ignores=[]))
+    return compile(module, str(script), "exec")
+
+
+def official_function(script: Path, name: str, names: dict):
+    """The function ``name`` defined at the top level of ``script``, compiled from the checkout's text with
+    ``names`` as its globals (for a script that cannot be imported: it needs packages or data at import)."""
+    tree = ast.parse(script.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope = dict(names)
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(script), "exec"), scope)
+    return scope[name]
+
+
 def _official_ldm_morph_step(path, size, ours, a):
     import yaml
 
@@ -337,27 +370,14 @@ def _official_ldm_morph_step(path, size, ours, a):
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     beta, smooth, t_enc = 0.6, 0.01, 1   # train.py defaults
 
-    def step(fixed, moving):   # the body of train.py's training loop (X moving, Y fixed)
-        X, Y, t = moving, fixed, torch.tensor([t_enc])
-        mov_z = ldm_model.get_first_stage_encoding(ldm_model.encode_first_stage(X)).detach()
-        fix_z = ldm_model.get_first_stage_encoding(ldm_model.encode_first_stage(Y)).detach()
-        noise = torch.randn_like(mov_z)
-        x_noisy = ldm_model.q_sample(x_start=mov_z, t=t, noise=noise)
-        y_noisy = ldm_model.q_sample(x_start=fix_z, t=t, noise=noise)
-        outx = ldm_model.apply_model(x_noisy, t=t, cond=None, return_ids=True)
-        outy = ldm_model.apply_model(y_noisy, t=t, cond=None, return_ids=True)
-        scores = [torch.cat((outx[1][0][i], outx[1][0][i + 2], outy[1][0][i], outy[1][0][i + 2]), dim=1)
-                  for i in (0, 3, 6, 9)]
-        D_f_xy = net(X, Y, *scores)
-        _, X_Y = transform(X, D_f_xy.permute(0, 2, 3, 1))
-        mov_z = ldm_model.get_first_stage_encoding(ldm_model.encode_first_stage(X_Y)).detach()
-        loss1 = beta * similarity(Y, X_Y) + (1 - beta) * similarity(mov_z, fix_z)
-        loss2 = smoothness(D_f_xy)
-        loss = loss1 + smooth * loss2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        _ = (loss.item(), loss1.item(), loss2.item())   # logged
+    # the body of train.py's training loop, read from the checkout and run as it is (CUDA calls removed)
+    body = official_loop_body(path / "train.py", "train_loader", "optimizer.step()")
+    names = {"torch": torch, "default": util.default, "ldm_model": ldm_model, "model": net, "transform": transform,
+             "loss_similarity": similarity, "loss_smooth": smoothness, "optimizer": opt, "beta": beta,
+             "smooth": smooth, "t_enc": t_enc}
+
+    def step(fixed, moving):   # X moving, Y fixed
+        exec(body, {**names, "X": moving, "Y": fixed})
 
     return net, step
 
