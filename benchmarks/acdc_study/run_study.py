@@ -190,7 +190,8 @@ def summarise(work: Path, out: Path) -> None:
                 return fmt.format(m) + ("" if s != s else " ± " + fmt.format(s))
             diff = ("(reference)" if r["method"] == "voxelmorph" else
                     f"{r['dice_diff_mean']:+.3f} [{r['dice_diff_min']:+.3f}, {r['dice_diff_max']:+.3f}]")
-            ahead = "" if r["method"] == "voxelmorph" else f"{r['seeds_ahead']} of {r['seeds']}"
+            compared = len(seeds) if r["method"] == "syn" else r["seeds"]   # SyN (no seed) against every seed's VM
+            ahead = "" if r["method"] == "voxelmorph" else f"{r['seeds_ahead']} of {compared}"
             lines.append(f"| {r['method']} | {r['seeds']} | {ms('dice')} | {ms('dice_lv')} | {ms('dice_myo')} | "
                          f"{ms('dice_rv')} | {ms('folding_percent')} | {ms('sdlogj')} | {ms('hd95', '{:.2f}')} | "
                          f"{ms('ef_error', '{:.1f}')} | {ms('seconds')} | {diff} | {ahead} |")
