@@ -110,9 +110,10 @@ def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str 
         print(f"{cell}: finished before, skipped", flush=True)
         return
     t0 = time.time()
-    methods = ["syn"] if budget is None else [m for m in _learned()]
+    methods = ["syn"] if budget is None else _learned()
     run_bench(methods=methods, profile=profile, data=data_spec(data), runs=folder / "runs", out=folder / "bench",
-              dims=dims, size=SIZE_3D if dims == 3 and profile == "quick" else None, device=device, options=None if budget is None else OPTIONS, budget=None if budget is None else f"steps={budget}",
+              dims=dims, size=SIZE_3D if dims == 3 and profile == "quick" else None, device=device,
+              options=None if budget is None else OPTIONS, budget=None if budget is None else f"steps={budget}",
               seed=seed, figures=False, progress=False)
     record = {"cell": cell, "dims": dims, "budget": budget, "seed": seed, "profile": profile,
               "data": Path(data_spec(data).split(":", 1)[1]).name, "commit": _commit(),
