@@ -3,10 +3,10 @@
 The study is a grid of *cells*, one per (dimensions, budget, seed): each cell is one :func:`diffreg.bench.run_bench`
 call that trains (or reuses) every learned method of ``python -m diffreg bench --methods all`` at an equal budget of
 training pairs (``--budget steps=N``) with that seed, and evaluates it on the held-out test patients. ANTs SyN does
-not depend on a seed or a budget and runs once per dimensionality. Cells run in the order of ``--cells`` (default :data:`PLAN`); a finished
-cell (its ``cell.json``) is skipped and an interrupted one resumes (finished runs are reused, a partial run continues
-from its checkpoint), so the command can be stopped and restarted at any time, and several processes may work on
-different cells (``--cells``).
+not depend on a seed or a budget and runs once per dimensionality. Cells run in the order of ``--cells`` (default
+:data:`PLAN`); a finished cell (its ``cell.json``) is skipped and an interrupted one resumes (finished runs are
+reused, a partial run continues from its checkpoint), so the command can be stopped and restarted at any time, and
+several processes may work on different cells.
 
 Each cell's runs are trained from the start: the quick profiles decay their learning rate over the budget, so a
 checkpoint at 600 pairs of a 3,000-pair run is not a 600-pair run.
@@ -169,7 +169,8 @@ def summarise(work: Path, out: Path) -> None:
              f"Metrics only; data {', '.join(sorted({c.get('data', '?') for c in cells}))}, profile "
              f"{', '.join(sorted({c.get('profile', 'quick') for c in cells}))}. Made by "
              "`benchmarks/acdc_study/run_study.py` (its docstring: data, split, sizes, what a cell is).", "",
-             "## Cells finished", "", "| cell | commit | finished | seconds | CPU | threads |", "|---|---|---|---|---|---|"]
+             "## Cells finished", "", "| cell | commit | finished | seconds | CPU | threads |",
+             "|---|---|---|---|---|---|"]
     for c in cells:
         lines.append(f"| {c['cell']} | {c['commit']} | {c['finished']} | {c['seconds']:.0f} | {c['cpu']} | "
                      f"{c['threads']} |")
@@ -269,7 +270,8 @@ def toy_nifti_check(work: Path, toy: Path, out: Path, device: str | None = None)
 
     rows = []
     for patient in sorted(p for p in toy.iterdir() if p.is_dir()):
-        lv = {n: int((np.asarray(nib.load(patient / f"{n}_gt.nii.gz").dataobj) == 3).sum()) for n in ("fixed", "moving")}
+        lv = {n: int((np.asarray(nib.load(patient / f"{n}_gt.nii.gz").dataobj) == 3).sum())
+              for n in ("fixed", "moving")}
         es, ed = sorted(lv, key=lv.get)
         rows.append({"name": patient.name, "moving": patient / f"{es}.nii.gz", "fixed": patient / f"{ed}.nii.gz",
                      "moving_label": patient / f"{es}_gt.nii.gz", "fixed_label": patient / f"{ed}_gt.nii.gz"})
