@@ -89,10 +89,6 @@ sys.path.insert(0, str(ROOT))
 
 from diffreg.config import get_config  # noqa: E402
 from diffreg.device import FAST_PATH_VARIABLE  # noqa: E402
-
-# Both sides run the convolution kernels PyTorch picks: diffreg's oneDNN fast path for 3D convolutions at batch 1
-# (diffreg.device.cpu_conv3d_fast_path) is a setting, not a property of the implementation, and it is off here.
-os.environ[FAST_PATH_VARIABLE] = "0"
 from diffreg.models import build  # noqa: E402
 from diffreg.train import make_optimizer, train_step  # noqa: E402
 
@@ -481,6 +477,9 @@ def _commit(path: Path) -> str:
 
 
 def main() -> None:
+    # Both sides run the convolution kernels PyTorch picks: diffreg's oneDNN fast path for 3D convolutions at batch 1
+    # (diffreg.device.cpu_conv3d_fast_path) is a setting, not a property of the implementation, and it is off here.
+    os.environ[FAST_PATH_VARIABLE] = "0"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flowreg", type=Path, default=None,
                     help="a checkout of mathpluscode/FlowReg (times CorrMLP and FlowReg)")
