@@ -38,7 +38,7 @@ from diffreg.device import cpu_conv3d_fast_path, default_device, distributed_inf
 from diffreg.runs import (CHECKPOINT, CONFIG, LOG, RunFolder, _check_same_run, _describe, check_run_dir,
                           load_checkpoint, load_run, save_checkpoint)
 
-__all__ = ["fit", "train_step", "make_optimizer", "train_or_reuse", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info",
+__all__ = ["fit", "train_step", "make_optimizer", "train_or_reuse", "train_or_reuse_many", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info",
            "default_device", "check_run_dir", "set_stage_steps", "stage_budgets", "train_stages"]
 
 
@@ -639,3 +639,35 @@ def train_or_reuse(config: MethodConfig, data: Dataset, out: str | Path, spec: s
     if spec is not None:
         run.write_data_spec(spec, config.method)
     return model.eval(), "resumed" if step else "trained"
+
+
+def _train_job(job: dict[str, Any]) -> str:
+    """One :func:`train_or_reuse` in a worker process, on one thread (as the chapters train); returns its status."""
+    torch.set_num_threads(1)
+    return train_or_reuse(**job)[1]
+
+
+def train_or_reuse_many(jobs: Iterable[dict[str, Any]], processes: int = 2) -> list[tuple[nn.Module, str]]:
+    """:func:`train_or_reuse` for several runs, side by side in ``processes`` worker processes on the CPU.
+
+    Each job is the keyword arguments of one :func:`train_or_reuse` call (``config``, ``data``, ``out``, ``spec``,
+    ``device``, ...). On the CPU the runs are trained in worker processes (``spawn``), one thread each, ``processes``
+    at a time: a run trained on one thread gives the same weights in a worker as in this process, so only the wall
+    time changes (chapter 12 trains its three models this way on a 2-core machine). The finished runs are then
+    loaded here. With ``processes <= 1``, one job, or a job on another device, the jobs run one after the other in
+    this process.
+
+    Returns:
+        ``[(model, status), ...]`` in the order of ``jobs``; ``status`` as :func:`train_or_reuse` (of the worker).
+    """
+    jobs = list(jobs)
+    on_cpu = all(resolve_device(j.get("device")).type == "cpu" for j in jobs)
+    if processes <= 1 or len(jobs) <= 1 or not on_cpu:
+        return [train_or_reuse(**j) for j in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(processes, len(jobs)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        statuses = list(pool.map(_train_job, jobs))
+    return [(train_or_reuse(**j)[0], status) for j, status in zip(jobs, statuses)]

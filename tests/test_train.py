@@ -226,3 +226,31 @@ def test_check_run_dir_compares_method_profile_model_and_data(tmp_path):
         check_run_dir(tmp_path, other)
     with pytest.raises(ValueError, match="is an existing file"):
         check_run_dir(tmp_path / "checkpoint.pt")
+
+
+def test_runs_trained_side_by_side_in_worker_processes_equal_runs_trained_here(tmp_path):
+    """train_or_reuse_many: two runs in two spawned worker processes (one thread each) give the weights that the same
+    runs trained one after the other in this process give, and come back in the order of the jobs."""
+    from diffreg.data import open_configured
+    from diffreg.train import train_or_reuse, train_or_reuse_many
+
+    def job(method, out):
+        cfg = get_config(method, "quick").set_budget(steps=4, seed=3)
+        return {"config": cfg, "data": open_configured("phantom", "train", cfg.data, "quick"), "out": out,
+                "spec": "phantom", "device": "cpu"}
+
+    methods = ("voxelmorph", "voxelmorph-diff")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = [train_or_reuse(**job(m, tmp_path / f"here_{m}"))[0] for m in methods]
+    finally:
+        torch.set_num_threads(threads)
+    side = train_or_reuse_many([job(m, tmp_path / f"side_{m}") for m in methods], processes=2)
+    assert [status for _, status in side] == ["trained", "trained"]
+    for (model, _), reference, method in zip(side, here, methods):
+        assert type(model).__name__ == type(reference).__name__, method
+        for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{method} {name}")
+    again = train_or_reuse_many([job(m, tmp_path / f"side_{m}") for m in methods], processes=2)
+    assert [status for _, status in again] == ["reused", "reused"]
