@@ -320,6 +320,11 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
     return model.eval(), info
 
 
+def _trained_info(**kwargs: Any) -> dict[str, Any]:
+    """What :func:`_trained_model` did (the model stays in the worker process that trained it)."""
+    return _trained_model(**kwargs)[1]
+
+
 def _reuse_notes(run: Any, cfg: MethodConfig, spec: str, profile: str, seed: int | None, steps: int | None,
                  step: int, curve: dict[str, Any] | None) -> list[str]:
     """What differs between a reused finished run and what the benchmark asked for."""
@@ -483,7 +488,8 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
               progress: bool = False, run_dirs: Mapping[str, str | Path] | None = None,
               direction: str | None = None, view: str | None = None, split_scheme: str | None = None,
               amp: bool = False, stage_steps: int | None = None, budget: str | None = None,
-              curve_every: int | None = None, curve_pairs: int = 4, seed: int | None = None) -> dict[str, Any]:
+              curve_every: int | None = None, curve_pairs: int = 4, seed: int | None = None,
+              processes: int = 1) -> dict[str, Any]:
     """Train (or reuse) and evaluate every selected method on the same held-out pairs; write the results.
 
     Args:
@@ -526,6 +532,10 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         curve_pairs: validation pairs of the learning curves.
         seed: training seed of every method (default: the profile's, 0); :func:`run_bench_seeds` repeats the
             benchmark over several seeds.
+        processes: on the CPU, train the learned methods ``processes`` at a time in worker processes, one thread
+            each (:func:`diffreg.train.map_in_workers`: the same weights as one after the other on one thread, in
+            less wall time; chapter 10 uses 2); the evaluation stays in this process. Ignored with a
+            ``seconds=`` budget (runs side by side would share the CPU's time) and on other devices.
 
     Returns:
         dict with ``"tables"`` (method -> per-case :class:`~diffreg.evaluate.Table`), ``"results"`` (all rows, the
@@ -566,6 +576,22 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
     pair = test[example]
     started = time.time()
 
+    def training(name: str) -> dict[str, Any]:
+        n_steps, max_seconds, curve = _method_budget(name, profile, data_cfg, steps, limits, amp, dev, curve_every,
+                                                     curve_pairs, opts.get(name, {}))
+        run_dir = Path(run_dirs[name]) if run_dirs and name in run_dirs else runs / name
+        return dict(name=name, profile=profile, data=data_cfg, spec=data, run_dir=run_dir, steps=n_steps,
+                    device=device, progress=progress, amp=amp, stage_steps=stage_steps, max_seconds=max_seconds,
+                    curve=curve, seed=seed)
+
+    learned = [n for n in names if n not in CLASSICAL]
+    trained_apart: dict[str, dict[str, Any]] = {}   # method -> what a worker process did
+    if processes > 1 and len(learned) > 1 and dev.type == "cpu" and (limits is None or limits[0] == "steps"):
+        from diffreg.train import map_in_workers
+
+        jobs = [training(n) for n in learned]
+        trained_apart = dict(zip(learned, map_in_workers(_trained_info, jobs, processes)))
+
     tables: dict[str, Table] = {}
     info: dict[str, dict[str, Any]] = {}
     fields: dict[str, torch.Tensor] = {}
@@ -576,13 +602,14 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
             meta: dict[str, Any] = {"budget": "none: optimised per pair", "notes": [
                 "voxel units (spacing 1) like the learned methods; CPU"]}
             eval_device, intensity = torch.device("cpu"), None
+        elif name in trained_apart:
+            from diffreg.runs import load_run
+
+            meta = trained_apart[name]
+            model = load_run(meta["run"], device=dev)[0].eval()
+            eval_device, intensity = dev, tuple(meta["config"].data.intensity)
         else:
-            run_dir = Path(run_dirs[name]) if run_dirs and name in run_dirs else runs / name
-            n_steps, max_seconds, curve = _method_budget(name, profile, data_cfg, steps, limits, amp, dev,
-                                                         curve_every, curve_pairs, opts.get(name, {}))
-            model, meta = _trained_model(name, profile, data_cfg, data, run_dir, n_steps, device, progress,
-                                         amp=amp, stage_steps=stage_steps, max_seconds=max_seconds, curve=curve,
-                                         seed=seed)
+            model, meta = _trained_model(**training(name))
             eval_device, intensity = dev, tuple(meta["config"].data.intensity)
         view = test if intensity is None or intensity == tuple(test.intensity) else IntensityView(test, intensity)
         if view is not test:

@@ -263,7 +263,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                   options=args.option, steps=args.steps, size=args.size, split=args.split, progress=True,
                   direction=args.direction, view=args.view, split_scheme=args.split_scheme, amp=args.amp,
                   stage_steps=args.stage_steps, budget=args.budget, curve_every=args.curve_every,
-                  curve_pairs=args.curve_pairs)
+                  curve_pairs=args.curve_pairs, processes=args.processes)
     try:
         if args.seeds:
             from diffreg.bench import run_bench_seeds
@@ -412,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="learning curves: validation Dice every PAIRS training pairs (curves.csv, "
                          "learning_curves.png)")
     be.add_argument("--curve-pairs", type=int, default=4, help="validation pairs of the learning curves")
+    be.add_argument("--processes", type=int, default=1,
+                    help="on the CPU, train N methods at a time in worker processes, one thread each (the same "
+                         "weights as one after the other on one thread; not with --budget seconds=S)")
     be.add_argument("--size", type=int, nargs="+", default=None, help="override the spatial size of the data")
     be.add_argument("--split", default="test", choices=["test", "val"])
     be.add_argument("--stage-steps", type=int, default=None,

@@ -38,7 +38,7 @@ from diffreg.device import cpu_conv3d_fast_path, default_device, distributed_inf
 from diffreg.runs import (CHECKPOINT, CONFIG, LOG, RunFolder, _check_same_run, _describe, check_run_dir,
                           load_checkpoint, load_run, save_checkpoint)
 
-__all__ = ["fit", "train_step", "make_optimizer", "train_or_reuse", "train_or_reuse_many", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info",
+__all__ = ["fit", "train_step", "make_optimizer", "train_or_reuse", "train_or_reuse_many", "map_in_workers", "load_run", "load_checkpoint", "save_checkpoint", "seed_everything", "distributed_info",
            "default_device", "check_run_dir", "set_stage_steps", "stage_budgets", "train_stages"]
 
 
@@ -641,9 +641,30 @@ def train_or_reuse(config: MethodConfig, data: Dataset, out: str | Path, spec: s
     return model.eval(), "resumed" if step else "trained"
 
 
-def _train_job(job: dict[str, Any]) -> str:
-    """One :func:`train_or_reuse` in a worker process, on one thread (as the chapters train); returns its status."""
+def _one_thread_call(function: Callable[..., Any], job: dict[str, Any]) -> Any:
     torch.set_num_threads(1)
+    return function(**job)
+
+
+def map_in_workers(function: Callable[..., Any], jobs: Iterable[dict[str, Any]], processes: int = 2) -> list[Any]:
+    """``[function(**job) for job in jobs]``, computed in ``processes`` worker processes (``spawn``), one thread each.
+
+    The book's small models train fastest on one thread (:func:`diffreg.book.chapter_setup`), so a 2-core CPU trains
+    two of them side by side in about the time of one. A run trained on one thread gives the same weights in a
+    worker as in this process (a test), so only the wall time changes. ``function`` must be importable by name
+    (defined at the top level of a module) and its arguments and result picklable.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = list(jobs)
+    with ProcessPoolExecutor(max_workers=max(1, min(processes, len(jobs))),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_one_thread_call, [function] * len(jobs), jobs))
+
+
+def _train_status(**job: Any) -> str:
+    """The status of one :func:`train_or_reuse` (the model stays in the worker)."""
     return train_or_reuse(**job)[1]
 
 
@@ -651,11 +672,10 @@ def train_or_reuse_many(jobs: Iterable[dict[str, Any]], processes: int = 2) -> l
     """:func:`train_or_reuse` for several runs, side by side in ``processes`` worker processes on the CPU.
 
     Each job is the keyword arguments of one :func:`train_or_reuse` call (``config``, ``data``, ``out``, ``spec``,
-    ``device``, ...). On the CPU the runs are trained in worker processes (``spawn``), one thread each, ``processes``
-    at a time: a run trained on one thread gives the same weights in a worker as in this process, so only the wall
-    time changes (chapter 12 trains its three models this way on a 2-core machine). The finished runs are then
-    loaded here. With ``processes <= 1``, one job, or a job on another device, the jobs run one after the other in
-    this process.
+    ``device``, ...). On the CPU the runs are trained by :func:`map_in_workers` (one thread each, ``processes`` at a
+    time; chapter 12 trains its three models this way on a 2-core machine) and the finished runs are then loaded
+    here. With ``processes <= 1``, one job, or a job on another device, the jobs run one after the other in this
+    process.
 
     Returns:
         ``[(model, status), ...]`` in the order of ``jobs``; ``status`` as :func:`train_or_reuse` (of the worker).
@@ -664,10 +684,5 @@ def train_or_reuse_many(jobs: Iterable[dict[str, Any]], processes: int = 2) -> l
     on_cpu = all(resolve_device(j.get("device")).type == "cpu" for j in jobs)
     if processes <= 1 or len(jobs) <= 1 or not on_cpu:
         return [train_or_reuse(**j) for j in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=min(processes, len(jobs)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        statuses = list(pool.map(_train_job, jobs))
+    statuses = map_in_workers(_train_status, jobs, processes)
     return [(train_or_reuse(**j)[0], status) for j, status in zip(jobs, statuses)]
