@@ -37,7 +37,8 @@ Usage::
         --work runs-study-paper --out study-paper
 
 Outputs (``--out``, default ``benchmarks/acdc_study``): ``results.csv`` (one row per method, dims, budget and seed:
-the test-pair means), ``pairs.csv`` (every per-pair row), ``summary.md`` (mean and SD over seeds, and the per-seed
+the test-pair means), ``pairs.csv`` (every per-pair row), ``cells.json`` (the record of each finished cell; the
+cells recorded in ``--out`` are kept in the summary next to those of ``--work``), ``summary.md`` (mean and SD over seeds, and the per-seed
 difference of Dice against VoxelMorph), ``dice_vs_budget.png``, ``dims.png``; with ``--toy-nifti``,
 ``toy_nifti.csv`` (the two preprocessed NIfTI pairs registered by every 3D run through ``register --pairs``).
 """
@@ -53,6 +54,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -110,6 +112,7 @@ def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str 
         print(f"{cell}: finished before, skipped", flush=True)
         return
     t0 = time.time()
+    resumed = any((folder / "runs").glob("*/checkpoint.pt"))
     methods = ["syn"] if budget is None else _learned()
     run_bench(methods=methods, profile=profile, data=data_spec(data), runs=folder / "runs", out=folder / "bench",
               dims=dims, size=SIZE_3D if dims == 3 and profile == "quick" else None, device=device,
@@ -118,7 +121,7 @@ def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str 
     record = {"cell": cell, "dims": dims, "budget": budget, "seed": seed, "profile": profile,
               "data": Path(data_spec(data).split(":", 1)[1]).name, "commit": _commit(),
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "seconds": round(time.time() - t0, 1), "cpu": _cpu(), "threads": _threads()}
+              "seconds": round(time.time() - t0, 1), "resumed": resumed, "cpu": _cpu(), "threads": _threads()}
     (folder / "cell.json").write_text(json.dumps(record, indent=1))
     print(f"{cell}: finished in {record['seconds']:.0f} s", flush=True)
 
@@ -135,13 +138,35 @@ def _learned() -> list[str]:
     return [m for m in bench_methods("all")[0] if m != "syn"]
 
 
-def collect(work: Path) -> tuple[Table, Table, list[dict]]:
-    """Every finished cell's per-pair rows (with dims, budget, seed, commit) and the per-(method, cell) means."""
-    pairs, means, cells = Table(), Table(), []
-    for record_path in sorted(work.glob("*/cell.json")):
+def _key(dims: Any, budget: Any, seed: Any) -> tuple[int, int | str, int | str]:
+    """A cell's (dims, budget, seed) as read from a record or a CSV row (SyN: no budget, no seed)."""
+    return (int(dims), "" if budget in ("", None) else int(budget), "" if seed in ("", None) else int(seed))
+
+
+def _finished_cells(work: Path, recorded: Path | None) -> list[tuple[dict, Table]]:
+    """``(record, per-pair rows of its bench)`` of every finished cell: those in ``work`` and, for the cells not
+    there, those recorded in ``recorded`` (its ``cells.json`` and ``pairs.csv``, written by :func:`summarise`), so
+    that cells run on other machines or in other work folders add up."""
+    cells: dict[str, tuple[dict, Table]] = {}
+    if recorded is not None and (recorded / "cells.json").is_file() and (recorded / "pairs.csv").is_file():
+        rows = read_csv(recorded / "pairs.csv")
+        for record in json.loads((recorded / "cells.json").read_text()):
+            key = _key(record["dims"], record["budget"], record["seed"])
+            mine = Table({k: v for k, v in r.items() if k not in ("dims", "budget", "seed", "commit")}
+                         for r in rows if _key(r["dims"], r["budget"], r["seed"]) == key)
+            cells[record["cell"]] = (record, mine)
+    for record_path in work.glob("*/cell.json"):
         record = json.loads(record_path.read_text())
+        cells[record["cell"]] = (record, read_csv(record_path.parent / "bench" / "results.csv"))
+    return [cells[c] for c in sorted(cells, key=lambda c: cell_dir(Path(), c).name)]
+
+
+def collect(work: Path, recorded: Path | None = None) -> tuple[Table, Table, list[dict]]:
+    """Every finished cell's per-pair rows (with dims, budget, seed, commit) and the per-(method, cell) means
+    (the cells of ``work`` and those recorded in ``recorded``: :func:`_finished_cells`)."""
+    pairs, means, cells = Table(), Table(), []
+    for record, rows in _finished_cells(work, recorded):
         cells.append(record)
-        rows = read_csv(record_path.parent / "bench" / "results.csv")
         for r in rows:
             pairs.append({"dims": record["dims"], "budget": record["budget"] or "", "seed": record["seed"]
                           if record["seed"] is not None else "", **r, "commit": record["commit"]})
@@ -158,22 +183,27 @@ def collect(work: Path) -> tuple[Table, Table, list[dict]]:
 
 
 def summarise(work: Path, out: Path) -> None:
-    """Write ``results.csv``, ``pairs.csv``, ``summary.md`` and the figures from the finished cells."""
-    pairs, means, cells = collect(work)
+    """Write ``results.csv``, ``pairs.csv``, ``cells.json``, ``summary.md`` and the figures from the finished cells
+    of ``work`` and those already recorded in ``out`` (a cell in ``work`` replaces its recorded rows)."""
+    pairs, means, cells = collect(work, recorded=out)
     if not cells:
-        raise SystemExit(f"no finished cell in {work}")
+        raise SystemExit(f"no finished cell in {work} or {out}")
     out.mkdir(parents=True, exist_ok=True)
     means.to_csv(out / "results.csv")
     pairs.to_csv(out / "pairs.csv")
+    (out / "cells.json").write_text(json.dumps(cells, indent=1) + "\n")
     lines = ["# Does diffusion help? The ACDC study (recorded)", "",
              f"Metrics only; data {', '.join(sorted({c.get('data', '?') for c in cells}))}, profile "
              f"{', '.join(sorted({c.get('profile', 'quick') for c in cells}))}. Made by "
              "`benchmarks/acdc_study/run_study.py` (its docstring: data, split, sizes, what a cell is).", "",
-             "## Cells finished", "", "| cell | commit | finished | seconds | CPU | threads |",
-             "|---|---|---|---|---|---|"]
+             "## Cells finished", "",
+             "`seconds`: wall time of the call that finished the cell (of its last part where it `resumed` from "
+             "checkpoints of an interrupted call).", "",
+             "| cell | commit | finished | seconds | resumed | CPU | threads |", "|---|---|---|---|---|---|---|"]
     for c in cells:
-        lines.append(f"| {c['cell']} | {c['commit']} | {c['finished']} | {c['seconds']:.0f} | {c['cpu']} | "
-                     f"{c['threads']} |")
+        resumed = {True: "yes", False: "no"}.get(c.get("resumed"), "")
+        lines.append(f"| {c['cell']} | {c['commit']} | {c['finished']} | {c['seconds']:.0f} | {resumed} | "
+                     f"{c['cpu']} | {c['threads']} |")
     groups = sorted({(r["dims"], r["budget"]) for r in means if r["budget"] != ""})
     for dims, budget in groups:
         rows = [r for r in pairs if r["dims"] == dims and r["budget"] == budget]
