@@ -266,7 +266,7 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
     ``max_seconds`` caps the training time (a wall-clock budget); ``curve`` (``{"every": steps, "pairs": n,
     "options": register options}``) logs a validation Dice every ``every`` steps on the ``"val"`` split."""
     from diffreg.runs import RunFolder, load_run
-    from diffreg.train import set_stage_steps, total_steps, train_or_reuse
+    from diffreg.train import set_stage_steps, train_or_reuse
 
     cfg = get_config(name, profile, data.dims)
     paper_direction = cfg.data.direction
@@ -287,7 +287,6 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
 
     run = RunFolder(run_dir)
     stored_cfg = run.config() if run.has_checkpoint() else None
-    train_data = None
     if stored_cfg is not None:
         if stored_cfg.method != name:
             raise ValueError(f"{run_dir} holds a {stored_cfg.method!r} run, not {name!r}; use another --runs folder")
@@ -295,17 +294,14 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
             raise ValueError(f"{run_dir} was trained on {stored_cfg.data.dims}D images of size "
                              f"{tuple(stored_cfg.data.size)}, the benchmark uses {data.dims}D {tuple(data.size)}; "
                              "use another --runs folder")
-        if stored_cfg.train.epochs:
-            train_data = _open(spec, "train", data, profile, stored_cfg.data.intensity)
         step = run.step()
-        if step >= total_steps(stored_cfg.train, len(train_data) if train_data is not None else 0):
+        if _finished(run, stored_cfg, spec, data, profile):
             # finished (at whatever budget it was trained): reuse it as it is
             model, cfg = load_run(run_dir, device=device)
             info.update(status="reused", config=cfg, steps=step, seconds=run.seconds())
             info["notes"] = notes + _reuse_notes(run, cfg, spec, profile, seed, steps, step, curve)
             return model, info
-    if train_data is None or tuple(cfg.data.intensity) != tuple(stored_cfg.data.intensity):
-        train_data = _open(spec, "train", data, profile, cfg.data.intensity)
+    train_data = _open(spec, "train", data, profile, cfg.data.intensity)
     validation = None
     if curve is not None:
         validation = _open(spec, "val", data, profile, cfg.data.intensity)
@@ -320,9 +316,20 @@ def _trained_model(name: str, profile: str, data: DataConfig, spec: str, run_dir
     return model.eval(), info
 
 
+def _finished(run: Any, cfg: MethodConfig, spec: str, data: DataConfig, profile: str) -> bool:
+    """Whether the run of ``run`` (a :class:`~diffreg.runs.RunFolder` of config ``cfg``) has trained all its steps."""
+    from diffreg.train import total_steps
+
+    pairs = len(_open(spec, "train", data, profile, cfg.data.intensity)) if cfg.train.epochs else 0
+    return run.step() >= total_steps(cfg.train, pairs)
+
+
 def _trained_info(**kwargs: Any) -> dict[str, Any]:
-    """What :func:`_trained_model` did (the model stays in the worker process that trained it)."""
-    return _trained_model(**kwargs)[1]
+    """What :func:`_trained_model` did, with its ``train_wall_seconds`` (the model stays in the worker process that
+    trained it)."""
+    t0 = time.perf_counter()
+    info = _trained_model(**kwargs)[1]
+    return {**info, "train_wall_seconds": time.perf_counter() - t0}
 
 
 def _reuse_notes(run: Any, cfg: MethodConfig, spec: str, profile: str, seed: int | None, steps: int | None,
@@ -534,8 +541,10 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
             benchmark over several seeds.
         processes: on the CPU, train the learned methods ``processes`` at a time in worker processes, one thread
             each (:func:`diffreg.train.map_in_workers`: the same weights as one after the other on one thread, in
-            less wall time; chapter 10 uses 2); the evaluation stays in this process. Ignored with a
-            ``seconds=`` budget (runs side by side would share the CPU's time) and on other devices.
+            less wall time; chapter 10 uses 2; a script needs the ``if __name__ == "__main__":`` guard). Finished
+            runs are loaded here, and with one run to train it is trained here, on this process's threads; the
+            evaluation stays in this process. Ignored with a ``seconds=`` budget (runs side by side would share
+            the CPU's time) and on other devices.
 
     Returns:
         dict with ``"tables"`` (method -> per-case :class:`~diffreg.evaluate.Table`), ``"results"`` (all rows, the
@@ -576,21 +585,30 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
     pair = test[example]
     started = time.time()
 
+    def run_dir(name: str) -> Path:
+        return Path(run_dirs[name]) if run_dirs and name in run_dirs else runs / name
+
     def training(name: str) -> dict[str, Any]:
+        """The arguments of :func:`_trained_model` for ``name``."""
         n_steps, max_seconds, curve = _method_budget(name, profile, data_cfg, steps, limits, amp, dev, curve_every,
                                                      curve_pairs, opts.get(name, {}))
-        run_dir = Path(run_dirs[name]) if run_dirs and name in run_dirs else runs / name
-        return dict(name=name, profile=profile, data=data_cfg, spec=data, run_dir=run_dir, steps=n_steps,
+        return dict(name=name, profile=profile, data=data_cfg, spec=data, run_dir=run_dir(name), steps=n_steps,
                     device=device, progress=progress, amp=amp, stage_steps=stage_steps, max_seconds=max_seconds,
                     curve=curve, seed=seed)
 
-    learned = [n for n in names if n not in CLASSICAL]
-    trained_apart: dict[str, dict[str, Any]] = {}   # method -> what a worker process did
-    if processes > 1 and len(learned) > 1 and dev.type == "cpu" and (limits is None or limits[0] == "steps"):
-        from diffreg.train import map_in_workers
+    def unfinished(name: str) -> bool:
+        from diffreg.runs import RunFolder
 
-        jobs = [training(n) for n in learned]
-        trained_apart = dict(zip(learned, map_in_workers(_trained_info, jobs, processes)))
+        run = RunFolder(run_dir(name))
+        return not run.has_checkpoint() or not _finished(run, run.config(), data, data_cfg, profile)
+
+    trained_apart: dict[str, dict[str, Any]] = {}   # method -> what a worker process did
+    if processes > 1 and dev.type == "cpu" and (limits is None or limits[0] == "steps"):
+        to_train = [n for n in names if n not in CLASSICAL and unfinished(n)]   # finished runs are only loaded
+        if len(to_train) > 1:
+            from diffreg.train import map_in_workers
+
+            trained_apart = dict(zip(to_train, map_in_workers(_trained_info, map(training, to_train), processes)))
 
     tables: dict[str, Table] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -606,6 +624,7 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
             from diffreg.runs import load_run
 
             meta = trained_apart[name]
+            t0 -= meta.pop("train_wall_seconds")
             model = load_run(meta["run"], device=dev)[0].eval()
             eval_device, intensity = dev, tuple(meta["config"].data.intensity)
         else:

@@ -38,6 +38,8 @@ class Chapter:
         seed: ``DIFFREG_SEED``.
         device: :func:`diffreg.device.default_device` (the GPU when CUDA is available, else the CPU).
         claims: the chapter's :class:`~diffreg.claims.Claims` (every learned result it asserts).
+        processes: the worker processes in which a chapter may train several runs side by side
+            (:func:`diffreg.train.map_in_workers`, one thread each): 2, or 1 where this process may use one core.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Chapter:
     seed: int
     device: torch.device
     claims: Claims
+    processes: int = 2
 
     def describe(self, data: bool = True) -> str:
         """``"profile=quick, data=phantom, device=cpu, runs in /tmp/diffreg-runs"`` (``data=False`` leaves the data
@@ -83,4 +86,13 @@ def chapter_setup(name: str, default_data: str = "phantom", threads: int | None 
         seed=seed,
         device=default_device(),
         claims=Claims(name, seed),
+        processes=min(2, _cores()),
     )
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1

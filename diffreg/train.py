@@ -652,15 +652,31 @@ def map_in_workers(function: Callable[..., Any], jobs: Iterable[dict[str, Any]],
     The book's small models train fastest on one thread (:func:`diffreg.book.chapter_setup`), so a 2-core CPU trains
     two of them side by side in about the time of one. A run trained on one thread gives the same weights in a
     worker as in this process (a test), so only the wall time changes. ``function`` must be importable by name
-    (defined at the top level of a module) and its arguments and result picklable.
+    (defined at the top level of a module) and its arguments and result picklable; a script that calls this needs
+    the ``if __name__ == "__main__":`` guard that ``spawn`` asks for. The first error of a job (or an interrupt)
+    cancels the jobs not started, stops the workers and is raised here.
     """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     jobs = list(jobs)
-    with ProcessPoolExecutor(max_workers=max(1, min(processes, len(jobs))),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_one_thread_call, [function] * len(jobs), jobs))
+    pool = ProcessPoolExecutor(max_workers=max(1, min(processes, len(jobs))),
+                               mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [pool.submit(_one_thread_call, function, job) for job in jobs]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f.exception() for f in done if not f.cancelled() and f.exception() is not None]
+        if failed:
+            raise failed[0]
+        results = [f.result() for f in futures]
+    except BaseException:
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.terminate()
+        raise
+    pool.shutdown()
+    return results
 
 
 def _train_status(**job: Any) -> str:

@@ -196,26 +196,41 @@ def test_equal_budget_in_pairs_and_learning_curves(tmp_path):
             parse_budget(bad)
 
 
-def test_methods_trained_in_worker_processes_give_the_results_of_methods_trained_here(tmp_path):
+def test_methods_trained_in_worker_processes_give_the_results_of_methods_trained_here(tmp_path, monkeypatch):
     """processes=2: the learned methods trained two at a time in worker processes (one thread each) give the
     held-out metrics and learning curves of the same benchmark trained one method after the other on one thread
-    here, bit for bit; the status says trained, not reused."""
+    here, bit for bit; the status says trained. Run again, the finished runs are loaded here, not in workers."""
+    import diffreg.train
     from diffreg.bench import run_bench
 
+    calls = []
+
+    def spy(function, jobs, processes=2):
+        jobs = list(jobs)
+        calls.append(sorted(j["name"] for j in jobs))
+        return map_in_workers(function, jobs, processes)
+
+    map_in_workers = diffreg.train.map_in_workers
+    monkeypatch.setattr(diffreg.train, "map_in_workers", spy)
     kwargs = dict(profile="quick", data="phantom", limit=2, device="cpu", budget="steps=6", curve_every=3,
                   curve_pairs=1, stage_steps=1, figures=False, seed=2)
     methods = ["voxelmorph", "fsdiffreg", "ldm-morph"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)   # the workers' setting, for the registrations here too
     try:
         here = run_bench(methods, runs=tmp_path / "here", out=tmp_path / "here_out", **kwargs)
+        apart = run_bench(methods, runs=tmp_path / "apart", out=tmp_path / "apart_out", processes=2, **kwargs)
+        again = run_bench(methods, runs=tmp_path / "apart", out=tmp_path / "again_out", processes=2, **kwargs)
     finally:
         torch.set_num_threads(threads)
-    apart = run_bench(methods, runs=tmp_path / "apart", out=tmp_path / "apart_out", processes=2, **kwargs)
+    assert calls == [sorted(methods)]   # the second call found every run finished
     assert [apart["methods"][m]["status"] for m in methods] == ["trained"] * 3
+    assert [again["methods"][m]["status"] for m in methods] == ["reused"] * 3
     for m in methods:
-        for a, b in zip(apart["tables"][m], here["tables"][m], strict=True):
-            assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+        for other in (apart, again):
+            for a, b in zip(other["tables"][m], here["tables"][m], strict=True):
+                assert {k: v for k, v in a.items() if k != "seconds"} == \
+                    {k: v for k, v in b.items() if k != "seconds"}
         assert apart["methods"][m]["steps"] == here["methods"][m]["steps"]
     strip = [{k: r[k] for k in ("method", "pairs_seen", "val_dice")} for r in apart["curves"]]
     assert strip == [{k: r[k] for k in ("method", "pairs_seen", "val_dice")} for r in here["curves"]]

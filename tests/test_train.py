@@ -254,3 +254,29 @@ def test_runs_trained_side_by_side_in_worker_processes_equal_runs_trained_here(t
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{method} {name}")
     again = train_or_reuse_many([job(m, tmp_path / f"side_{m}") for m in methods], processes=2)
     assert [status for _, status in again] == ["reused", "reused"]
+
+
+
+def _sleep_or_fail(seconds: float) -> float:
+    """A job for map_in_workers: sleeps ``seconds``, or fails at once for a negative value."""
+    import time
+
+    if seconds < 0:
+        raise ValueError(f"a failing job ({seconds})")
+    time.sleep(seconds)
+    return seconds
+
+
+def test_map_in_workers_keeps_the_order_and_an_error_stops_the_other_jobs_at_once():
+    """map_in_workers: results in the order of the jobs; the first failing job is raised without waiting for the
+    long job beside it nor starting the queued one."""
+    import time
+
+    from diffreg.train import map_in_workers
+
+    assert map_in_workers(_sleep_or_fail, [{"seconds": 0.2}, {"seconds": 0.0}, {"seconds": 0.1}], processes=2) == \
+        [0.2, 0.0, 0.1]
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="a failing job"):
+        map_in_workers(_sleep_or_fail, [{"seconds": 120}, {"seconds": -1}, {"seconds": 120}], processes=2)
+    assert time.perf_counter() - t0 < 60   # not the 120 s of the long job, nor the 240 s of both

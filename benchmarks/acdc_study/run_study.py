@@ -95,8 +95,13 @@ def parse_cell(text: str) -> tuple[int, int | None, int | None]:
     return int(parts[0][0]), int(parts[1]), int(parts[2])
 
 
+def cell_name(dims: int, budget: int | None, seed: int | None) -> str:
+    """The canonical name of a cell: ``2d:600:0``, ``3d:syn``."""
+    return f"{dims}d:syn" if budget is None else f"{dims}d:{budget}:{seed}"
+
+
 def cell_dir(work: Path, cell: str) -> Path:
-    return work / cell.replace(":", "_")
+    return work / cell_name(*parse_cell(cell)).replace(":", "_")
 
 
 def data_spec(data: str) -> str:
@@ -107,12 +112,13 @@ def data_spec(data: str) -> str:
 def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str = "quick") -> None:
     """Train (or reuse) and evaluate one cell at ``profile``; writes ``cell.json`` when it is finished."""
     dims, budget, seed = parse_cell(cell)
+    cell = cell_name(dims, budget, seed)
     folder = cell_dir(work, cell)
     if (folder / "cell.json").exists():
         print(f"{cell}: finished before, skipped", flush=True)
         return
     t0 = time.time()
-    resumed = any((folder / "runs").glob("*/checkpoint.pt"))
+    resumed = any((folder / "runs").glob("**/checkpoint.pt"))
     methods = ["syn"] if budget is None else _learned()
     run_bench(methods=methods, profile=profile, data=data_spec(data), runs=folder / "runs", out=folder / "bench",
               dims=dims, size=SIZE_3D if dims == 3 and profile == "quick" else None, device=device,
@@ -146,19 +152,34 @@ def _key(dims: Any, budget: Any, seed: Any) -> tuple[int, int | str, int | str]:
 def _finished_cells(work: Path, recorded: Path | None) -> list[tuple[dict, Table]]:
     """``(record, per-pair rows of its bench)`` of every finished cell: those in ``work`` and, for the cells not
     there, those recorded in ``recorded`` (its ``cells.json`` and ``pairs.csv``, written by :func:`summarise`), so
-    that cells run on other machines or in other work folders add up."""
-    cells: dict[str, tuple[dict, Table]] = {}
-    if recorded is not None and (recorded / "cells.json").is_file() and (recorded / "pairs.csv").is_file():
+    that cells run on other machines or in other work folders add up.
+
+    Raises:
+        SystemExit: a recorded cell without rows in ``pairs.csv``, or cells of another profile or data set than the
+            recorded ones (they belong in another ``--out``).
+    """
+    cells: dict[tuple, tuple[dict, Table]] = {}
+    if recorded is not None and (recorded / "cells.json").is_file():
         rows = read_csv(recorded / "pairs.csv")
         for record in json.loads((recorded / "cells.json").read_text()):
             key = _key(record["dims"], record["budget"], record["seed"])
             mine = Table({k: v for k, v in r.items() if k not in ("dims", "budget", "seed", "commit")}
                          for r in rows if _key(r["dims"], r["budget"], r["seed"]) == key)
-            cells[record["cell"]] = (record, mine)
+            if not mine:
+                raise SystemExit(f"{recorded / 'pairs.csv'} has no row of the recorded cell {record['cell']}")
+            cells[key] = (record, mine)
+    kinds = {(r.get("profile", "quick"), r.get("data")) for r, _ in cells.values()}
     for record_path in work.glob("*/cell.json"):
         record = json.loads(record_path.read_text())
-        cells[record["cell"]] = (record, read_csv(record_path.parent / "bench" / "results.csv"))
-    return [cells[c] for c in sorted(cells, key=lambda c: cell_dir(Path(), c).name)]
+        kind = (record.get("profile", "quick"), record.get("data"))
+        if kinds and kind not in kinds:
+            raise SystemExit(f"{record_path}: a cell of profile {kind[0]!r} on {kind[1]!r}, but {recorded} records "
+                             f"{sorted(kinds, key=str)}; summarise it into another --out")
+        kinds.add(kind)
+        cells[_key(record["dims"], record["budget"], record["seed"])] = (
+            record, read_csv(record_path.parent / "bench" / "results.csv"))
+    return [cells[k] for k in sorted(cells, key=lambda k: cell_dir(Path(), cell_name(*(
+        None if v == "" else v for v in k))).name)]
 
 
 def collect(work: Path, recorded: Path | None = None) -> tuple[Table, Table, list[dict]]:
@@ -182,6 +203,13 @@ def collect(work: Path, recorded: Path | None = None) -> tuple[Table, Table, lis
     return pairs, means, cells
 
 
+def _replace(path: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``path``: a process reading ``path`` meanwhile sees the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def summarise(work: Path, out: Path) -> None:
     """Write ``results.csv``, ``pairs.csv``, ``cells.json``, ``summary.md`` and the figures from the finished cells
     of ``work`` and those already recorded in ``out`` (a cell in ``work`` replaces its recorded rows)."""
@@ -189,9 +217,9 @@ def summarise(work: Path, out: Path) -> None:
     if not cells:
         raise SystemExit(f"no finished cell in {work} or {out}")
     out.mkdir(parents=True, exist_ok=True)
-    means.to_csv(out / "results.csv")
-    pairs.to_csv(out / "pairs.csv")
-    (out / "cells.json").write_text(json.dumps(cells, indent=1) + "\n")
+    _replace(out / "results.csv", means.to_csv)
+    _replace(out / "pairs.csv", pairs.to_csv)
+    _replace(out / "cells.json", lambda path: path.write_text(json.dumps(cells, indent=1) + "\n"))
     lines = ["# Does diffusion help? The ACDC study (recorded)", "",
              f"Metrics only; data {', '.join(sorted({c.get('data', '?') for c in cells}))}, profile "
              f"{', '.join(sorted({c.get('profile', 'quick') for c in cells}))}. Made by "
@@ -227,7 +255,7 @@ def summarise(work: Path, out: Path) -> None:
             lines.append(f"| {r['method']} | {r['seeds']} | {ms('dice')} | {ms('dice_lv')} | {ms('dice_myo')} | "
                          f"{ms('dice_rv')} | {ms('folding_percent')} | {ms('sdlogj')} | {ms('hd95', '{:.2f}')} | "
                          f"{ms('ef_error', '{:.1f}')} | {ms('seconds')} | {diff} | {ahead} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _replace(out / "summary.md", lambda path: path.write_text("\n".join(lines) + "\n"))
     _figures(means, out)
     print(f"wrote {out}/summary.md ({len(cells)} cells)")
 

@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--kernels", nargs="+", default=["native", "avx2"], choices=sorted(KERNELS))
     ap.add_argument("--chapters", nargs="+", default=None, help="chapter stems (default: every chapter)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (each chapter kernel uses one thread)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (each chapter kernel uses one thread; chapters 10 and "
+                    "12 train in 2 worker processes of one thread)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/diffreg-claims"), help="runs, logs, executed notebooks")
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--timeout", type=float, default=4 * 3600)
