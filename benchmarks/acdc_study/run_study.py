@@ -172,7 +172,7 @@ def _finished_cells(work: Path, recorded: Path | None) -> list[tuple[dict, Table
     for record_path in work.glob("*/cell.json"):
         record = json.loads(record_path.read_text())
         kind = (record.get("profile", "quick"), record.get("data"))
-        if kinds and kind not in kinds:
+        if kinds and not any(kind[0] == k[0] and None in (kind[1], k[1]) or kind == k for k in kinds):
             raise SystemExit(f"{record_path}: a cell of profile {kind[0]!r} on {kind[1]!r}, but {recorded} records "
                              f"{sorted(kinds, key=str)}; summarise it into another --out")
         kinds.add(kind)
