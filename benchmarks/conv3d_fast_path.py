@@ -78,14 +78,15 @@ def layer_options(repeats: int) -> list[dict]:
     return rows
 
 
-def profile_steps(methods: list[str], steps: int) -> list[dict]:
-    """Median s/step of each 3D quick profile at batch 1 with the fast path off and on (alternating)."""
+def profile_steps(methods: list[str], steps: int, profile: str = "quick") -> list[dict]:
+    """Median s/step of each 3D ``profile`` (at its own size) at batch 1 with the fast path off and on
+    (alternating)."""
     rows = []
     for method in methods:
         times = {}
         for label, flag in (("off", "0"), ("on", "1"), ("off2", "0"), ("on2", "1")):
             os.environ[FAST_PATH_VARIABLE] = flag
-            r = measure_speed(method, profile="quick", dims=3, steps=steps, device="cpu", batch_size=1,
+            r = measure_speed(method, profile=profile, dims=3, steps=steps, device="cpu", batch_size=1,
                               inference=False)
             times.setdefault(label.rstrip("2"), []).extend(r["train_times"])
         os.environ.pop(FAST_PATH_VARIABLE)
@@ -110,12 +111,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per measurement (two measurements)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per layer option")
     ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--profile", default="quick", choices=["quick", "paper"],
+                    help="the profiles whose training step is measured (paper: 32 x 128 x 128)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = layer_options(args.repeats)
     print(_table(layers), flush=True)
-    steps = profile_steps(args.methods, args.steps)
+    steps = profile_steps(args.methods, args.steps, args.profile)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -123,14 +126,17 @@ def main() -> None:
     text = "\n".join([
         "# 3D convolutions at batch 1 on the CPU",
         "",
-        f"`python benchmarks/conv3d_fast_path.py --threads {args.threads} --steps {args.steps}`, recorded "
+        f"`python benchmarks/conv3d_fast_path.py --threads {args.threads} --steps {args.steps}"
+        + (f" --profile {args.profile} --methods {' '.join(args.methods)}" if args.profile != "quick" else "")
+        + "`, recorded "
         f"{datetime.date.today()} on {cpu} ({args.threads} thread), torch {torch.__version__}, commit {commit}.",
         "",
         "## One 3 x 3 x 3 convolution, forward and backward (seconds per sample, median)",
         "",
         _table(layers),
         "",
-        "## Training step of each 3D quick profile at batch 1 (median s/step, fast path off and on, alternating)",
+        f"## Training step of each 3D {args.profile} profile at batch 1 (median s/step, fast path off and on, "
+        "alternating)",
         "",
         _table(steps, "{:.3f}"),
         "",
