@@ -544,7 +544,7 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
             less wall time; chapter 10 uses 2; a script needs the ``if __name__ == "__main__":`` guard). Finished
             runs are loaded here, and with one run to train it is trained here, on this process's threads; the
             evaluation stays in this process. Ignored with a ``seconds=`` budget (runs side by side would share
-            the CPU's time) and on other devices.
+            the CPU's time), on other devices and under ``torchrun``.
 
     Returns:
         dict with ``"tables"`` (method -> per-case :class:`~diffreg.evaluate.Table`), ``"results"`` (all rows, the
@@ -574,7 +574,7 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
     data_cfg = bench_data(profile, dims, size, direction=direction, view=view, split_scheme=split_scheme)
     runs, out = Path(runs), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from diffreg.device import resolve_device
+    from diffreg.device import distributed_info, resolve_device
 
     dev = resolve_device(device)
     test = _open(data, split, data_cfg, profile)
@@ -603,7 +603,8 @@ def run_bench(methods: str | Sequence[str] = "all", profile: str = "quick", data
         return not run.has_checkpoint() or not _finished(run, run.config(), data, data_cfg, profile)
 
     trained_apart: dict[str, dict[str, Any]] = {}   # method -> what a worker process did
-    if processes > 1 and dev.type == "cpu" and (limits is None or limits[0] == "steps"):
+    side_by_side = dev.type == "cpu" and distributed_info()[2] == 1 and (limits is None or limits[0] == "steps")
+    if processes > 1 and side_by_side:
         to_train = [n for n in names if n not in CLASSICAL and unfinished(n)]   # finished runs are only loaded
         if len(to_train) > 1:
             from diffreg.train import map_in_workers

@@ -654,11 +654,15 @@ def map_in_workers(function: Callable[..., Any], jobs: Iterable[dict[str, Any]],
     worker as in this process (a test), so only the wall time changes. ``function`` must be importable by name
     (defined at the top level of a module) and its arguments and result picklable; a script that calls this needs
     the ``if __name__ == "__main__":`` guard that ``spawn`` asks for. The first error of a job (or an interrupt)
-    cancels the jobs not started, stops the workers and is raised here.
+    cancels the jobs not started, stops the workers and is raised here. Under ``torchrun`` (``WORLD_SIZE > 1``) it
+    raises ``RuntimeError``: the workers would inherit the rank and join the process group as this process.
     """
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
+    if distributed_info()[2] > 1:
+        raise RuntimeError("map_in_workers cannot run under torchrun (WORLD_SIZE > 1): the worker processes would "
+                           "inherit this process's rank; train with torchrun's processes instead")
     jobs = list(jobs)
     pool = ProcessPoolExecutor(max_workers=max(1, min(processes, len(jobs))),
                                mp_context=multiprocessing.get_context("spawn"))
@@ -690,15 +694,15 @@ def train_or_reuse_many(jobs: Iterable[dict[str, Any]], processes: int = 2) -> l
     Each job is the keyword arguments of one :func:`train_or_reuse` call (``config``, ``data``, ``out``, ``spec``,
     ``device``, ...). On the CPU the runs are trained by :func:`map_in_workers` (one thread each, ``processes`` at a
     time; chapter 12 trains its three models this way on a 2-core machine) and the finished runs are then loaded
-    here. With ``processes <= 1``, one job, or a job on another device, the jobs run one after the other in this
-    process.
+    here. With ``processes <= 1``, one job, a job on another device, or under ``torchrun`` (its processes already
+    share the training), the jobs run one after the other in this process.
 
     Returns:
         ``[(model, status), ...]`` in the order of ``jobs``; ``status`` as :func:`train_or_reuse` (of the worker).
     """
     jobs = list(jobs)
     on_cpu = all(resolve_device(j.get("device")).type == "cpu" for j in jobs)
-    if processes <= 1 or len(jobs) <= 1 or not on_cpu:
+    if processes <= 1 or len(jobs) <= 1 or not on_cpu or distributed_info()[2] > 1:
         return [train_or_reuse(**j) for j in jobs]
     statuses = map_in_workers(_train_status, jobs, processes)
     return [(train_or_reuse(**j)[0], status) for j, status in zip(jobs, statuses)]

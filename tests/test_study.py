@@ -76,3 +76,22 @@ def test_summary_over_seeds_and_recorded_cells_add_up(study, tmp_path):
     # nothing finished anywhere: a clear error
     with pytest.raises(SystemExit, match="no finished cell"):
         study.summarise(tmp_path / "empty", tmp_path / "nothing")
+
+
+def test_a_cell_is_one_bench_call_recorded_once(study, tmp_path, monkeypatch):
+    """``run_cell`` hands its budget, seed, size and ``processes`` to ``run_bench``, records the cell, and skips it
+    when it is run again (a spy in place of the training)."""
+    calls = []
+    monkeypatch.setattr(study, "run_bench", lambda **kw: calls.append(kw))
+    study.run_cell("3d:150:1", "/nowhere/acdc-dev", tmp_path, "cpu", processes=2)
+    assert len(calls) == 1
+    kw = calls[0]
+    assert kw["budget"] == "steps=150" and kw["seed"] == 1 and kw["dims"] == 3 and kw["processes"] == 2
+    assert kw["size"] == study.SIZE_3D and kw["data"] == "acdc-h5:/nowhere/acdc-dev"
+    assert set(kw["methods"]) == set(study._learned()) and "syn" not in kw["methods"]
+    record = json.loads((study.cell_dir(tmp_path, "3d:150:1") / "cell.json").read_text())
+    assert (record["cell"], record["budget"], record["seed"], record["processes"]) == ("3d:150:1", 150, 1, 2)
+    assert record["data"] == "acdc-dev" and record["resumed"] is False
+    study.run_cell("3d:150:1", "/nowhere/acdc-dev", tmp_path, "cpu", processes=2)
+    study.run_cell("2d:syn", "/nowhere/acdc-dev", tmp_path, "cpu")
+    assert len(calls) == 2 and calls[1]["methods"] == ["syn"] and calls[1]["budget"] is None

@@ -280,3 +280,17 @@ def test_map_in_workers_keeps_the_order_and_an_error_stops_the_other_jobs_at_onc
     with pytest.raises(ValueError, match="a failing job"):
         map_in_workers(_sleep_or_fail, [{"seconds": 120}, {"seconds": -1}, {"seconds": 120}], processes=2)
     assert time.perf_counter() - t0 < 60   # not the 120 s of the long job, nor the 240 s of both
+
+
+def test_worker_processes_are_not_used_under_torchrun(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) map_in_workers refuses (its workers would inherit the rank), and
+    train_or_reuse_many trains in this process instead of starting workers."""
+    import diffreg.train as train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="torchrun"):
+        train.map_in_workers(_sleep_or_fail, [{"seconds": 0.0}, {"seconds": 0.0}], processes=2)
+    here = []
+    monkeypatch.setattr(train, "train_or_reuse", lambda **job: here.append(job["out"]) or (None, "trained"))
+    assert train.train_or_reuse_many([{"out": "a"}, {"out": "b"}], processes=2) == [(None, "trained")] * 2
+    assert here == ["a", "b"]

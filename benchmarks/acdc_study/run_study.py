@@ -31,6 +31,7 @@ Usage::
 
     python benchmarks/acdc_study/run_study.py --data PATH/acdc-dev --work PATH/study-runs          # everything
     python benchmarks/acdc_study/run_study.py --data ... --work ... --cells 2d:600:0 2d:600:1     # some cells
+    python benchmarks/acdc_study/run_study.py --data ... --work ... --processes 2     # 2 methods at a time (2 cores)
     python benchmarks/acdc_study/run_study.py --work PATH/study-runs --summarise-only              # tables, figures
     # the same grid at the papers' profiles on a GPU, on ACDC NIfTI with its spacing (book/reproducing.md)
     python benchmarks/acdc_study/run_study.py --data acdc:/data/ACDC/training --profile paper --device cuda \
@@ -109,8 +110,13 @@ def data_spec(data: str) -> str:
     return data if data.split(":", 1)[0] in ("acdc", "acdc-h5", "camus", "phantom") else f"acdc-h5:{data}"
 
 
-def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str = "quick") -> None:
-    """Train (or reuse) and evaluate one cell at ``profile``; writes ``cell.json`` when it is finished."""
+def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str = "quick",
+             processes: int = 1) -> None:
+    """Train (or reuse) and evaluate one cell at ``profile``; writes ``cell.json`` when it is finished.
+
+    ``processes > 1`` trains the cell's learned methods that many at a time on the CPU, one thread each
+    (:func:`diffreg.bench.run_bench`); the weights are those of one-at-a-time training, only the wall time changes.
+    """
     dims, budget, seed = parse_cell(cell)
     cell = cell_name(dims, budget, seed)
     folder = cell_dir(work, cell)
@@ -118,16 +124,18 @@ def run_cell(cell: str, data: str, work: Path, device: str | None, profile: str 
         print(f"{cell}: finished before, skipped", flush=True)
         return
     t0 = time.time()
+    folder.mkdir(parents=True, exist_ok=True)
     resumed = any((folder / "runs").glob("**/checkpoint.pt"))
     methods = ["syn"] if budget is None else _learned()
     run_bench(methods=methods, profile=profile, data=data_spec(data), runs=folder / "runs", out=folder / "bench",
               dims=dims, size=SIZE_3D if dims == 3 and profile == "quick" else None, device=device,
               options=None if budget is None else OPTIONS, budget=None if budget is None else f"steps={budget}",
-              seed=seed, figures=False, progress=False)
+              seed=seed, figures=False, progress=False, processes=processes)
     record = {"cell": cell, "dims": dims, "budget": budget, "seed": seed, "profile": profile,
               "data": Path(data_spec(data).split(":", 1)[1]).name, "commit": _commit(),
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "seconds": round(time.time() - t0, 1), "resumed": resumed, "cpu": _cpu(), "threads": _threads()}
+              "seconds": round(time.time() - t0, 1), "resumed": resumed, "cpu": _cpu(), "threads": _threads(),
+              "processes": processes}
     (folder / "cell.json").write_text(json.dumps(record, indent=1))
     print(f"{cell}: finished in {record['seconds']:.0f} s", flush=True)
 
@@ -226,12 +234,13 @@ def summarise(work: Path, out: Path) -> None:
              "`benchmarks/acdc_study/run_study.py` (its docstring: data, split, sizes, what a cell is).", "",
              "## Cells finished", "",
              "`seconds`: wall time of the call that finished the cell (of its last part where it `resumed` from "
-             "checkpoints of an interrupted call).", "",
-             "| cell | commit | finished | seconds | resumed | CPU | threads |", "|---|---|---|---|---|---|---|"]
+             "checkpoints of an interrupted call); `processes`: methods trained at a time, `threads` each.", "",
+             "| cell | commit | finished | seconds | resumed | CPU | threads | processes |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         resumed = {True: "yes", False: "no"}.get(c.get("resumed"), "")
         lines.append(f"| {c['cell']} | {c['commit']} | {c['finished']} | {c['seconds']:.0f} | {resumed} | "
-                     f"{c['cpu']} | {c['threads']} |")
+                     f"{c['cpu']} | {c['threads']} | {c.get('processes', 1)} |")
     groups = sorted({(r["dims"], r["budget"]) for r in means if r["budget"] != ""})
     for dims, budget in groups:
         rows = [r for r in pairs if r["dims"] == dims and r["budget"] == budget]
@@ -372,6 +381,8 @@ def main() -> None:
     ap.add_argument("--cells", nargs="+", default=PLAN, help=f"cells to run, in order (default: {' '.join(PLAN)})")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="on the CPU, train this many methods of a cell at a time, one thread each (e.g. the cores)")
     ap.add_argument("--summarise-only", action="store_true")
     ap.add_argument("--toy-nifti", type=Path, default=None,
                     help="after the cells: register the NIfTI pairs of this folder (acdc-toy-nifti) with every 3D run")
@@ -385,7 +396,7 @@ def main() -> None:
         for cell in args.cells:
             parse_cell(cell)
         for cell in args.cells:
-            run_cell(cell, args.data, args.work, args.device, args.profile)
+            run_cell(cell, args.data, args.work, args.device, args.profile, args.processes)
             summarise(args.work, args.out)
     else:
         summarise(args.work, args.out)
