@@ -142,15 +142,14 @@ class _Warmup(nn.Module):
 
     def __init__(self, model: "FlowReg") -> None:
         super().__init__()
-        self.net = model.net
-        self._model = [model]   # not a submodule: the stage trains only the network
+        self.net = model.net   # the only submodule: the stage trains the network (the EMA teacher is not used yet)
+        self.noise_like, self.registration_loss = model.noise_like, model.registration_loss
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        model = self._model[0]
         moving, fixed = batch["moving"], batch["fixed"]
-        phi0 = model.noise_like(moving)
+        phi0 = self.noise_like(moving)
         pred = self.net(moving, fixed, phi0, torch.zeros(moving.shape[0], device=moving.device))
-        return model.registration_loss(moving, fixed, pred)
+        return self.registration_loss(moving, fixed, pred)
 
 
 class FlowReg(RegistrationModel):
