@@ -368,7 +368,7 @@ def fit(
     rows: list[dict[str, float]] = []
     log = _LogFile(out_dir / LOG, start) if out_dir is not None and rank == 0 else None
     precision = f"{tcfg.amp_dtype} autocast" if use_amp else "float32"
-    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0,
+    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, position=_BAR_LINE,
                desc=f"{type(model).__name__} on {device}, {precision}",
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     model.train()
@@ -641,6 +641,18 @@ def train_or_reuse(config: MethodConfig, data: Dataset, out: str | Path, spec: s
     return model.eval(), "resumed" if step else "trained"
 
 
+#: the terminal line of this process's progress bars: 0, or in a worker of :func:`map_in_workers` its own line, so
+#: that workers side by side do not draw over each other
+_BAR_LINE = 0
+
+
+def _worker_start(lines: Any) -> None:
+    """Initialiser of a :func:`map_in_workers` worker: one thread, and a progress-bar line of its own."""
+    global _BAR_LINE
+    torch.set_num_threads(1)
+    _BAR_LINE = lines.get()
+
+
 def _one_thread_call(function: Callable[..., Any], job: dict[str, Any]) -> Any:
     torch.set_num_threads(1)
     return function(**job)
@@ -654,7 +666,8 @@ def map_in_workers(function: Callable[..., Any], jobs: Iterable[dict[str, Any]],
     worker as in this process (a test), so only the wall time changes. ``function`` must be importable by name
     (defined at the top level of a module) and its arguments and result picklable; a script that calls this needs
     the ``if __name__ == "__main__":`` guard that ``spawn`` asks for. The first error of a job (or an interrupt)
-    cancels the jobs not started, stops the workers and is raised here. Under ``torchrun`` (``WORLD_SIZE > 1``) it
+    cancels the jobs not started, stops the workers and is raised here. Each worker draws the progress bars of
+    :func:`fit` on a terminal line of its own. Under ``torchrun`` (``WORLD_SIZE > 1``) it
     raises ``RuntimeError``: the workers would inherit the rank and join the process group as this process.
     """
     import multiprocessing
@@ -664,8 +677,11 @@ def map_in_workers(function: Callable[..., Any], jobs: Iterable[dict[str, Any]],
         raise RuntimeError("map_in_workers cannot run under torchrun (WORLD_SIZE > 1): the worker processes would "
                            "inherit this process's rank; train with torchrun's processes instead")
     jobs = list(jobs)
-    pool = ProcessPoolExecutor(max_workers=max(1, min(processes, len(jobs))),
-                               mp_context=multiprocessing.get_context("spawn"))
+    context, workers = multiprocessing.get_context("spawn"), max(1, min(processes, len(jobs)))
+    lines = context.Queue()
+    for line in range(workers):
+        lines.put(line)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_start, initargs=(lines,))
     try:
         futures = [pool.submit(_one_thread_call, function, job) for job in jobs]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -280,6 +281,25 @@ def test_map_in_workers_keeps_the_order_and_an_error_stops_the_other_jobs_at_onc
     with pytest.raises(ValueError, match="a failing job"):
         map_in_workers(_sleep_or_fail, [{"seconds": 120}, {"seconds": -1}, {"seconds": 120}], processes=2)
     assert time.perf_counter() - t0 < 60   # not the 120 s of the long job, nor the 240 s of both
+
+
+def _bar_line(together: Any) -> int:
+    """A job for map_in_workers: the progress-bar line of the worker that runs it, once every job has started."""
+    import diffreg.train
+
+    together.wait(timeout=120)   # so the jobs run side by side, in two workers
+    return diffreg.train._BAR_LINE
+
+
+def test_workers_side_by_side_draw_their_progress_bars_on_lines_of_their_own():
+    import multiprocessing
+
+    from diffreg.train import map_in_workers
+
+    with multiprocessing.get_context("spawn").Manager() as manager:
+        together = manager.Barrier(2)
+        lines = map_in_workers(_bar_line, [{"together": together}, {"together": together}], processes=2)
+    assert sorted(lines) == [0, 1]
 
 
 def test_worker_processes_are_not_used_under_torchrun(monkeypatch):
