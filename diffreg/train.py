@@ -653,11 +653,6 @@ def _worker_start(lines: Any) -> None:
     _BAR_LINE = lines.get()
 
 
-def _one_thread_call(function: Callable[..., Any], job: dict[str, Any]) -> Any:
-    torch.set_num_threads(1)
-    return function(**job)
-
-
 def map_in_workers(function: Callable[..., Any], jobs: Iterable[dict[str, Any]], processes: int = 2) -> list[Any]:
     """``[function(**job) for job in jobs]``, computed in ``processes`` worker processes (``spawn``), one thread each.
 
@@ -683,7 +678,7 @@ def map_in_workers(function: Callable[..., Any], jobs: Iterable[dict[str, Any]],
         lines.put(line)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_start, initargs=(lines,))
     try:
-        futures = [pool.submit(_one_thread_call, function, job) for job in jobs]
+        futures = [pool.submit(function, **job) for job in jobs]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f.exception() for f in done if not f.cancelled() and f.exception() is not None]
         if failed:
