@@ -50,11 +50,12 @@ def test_summary_over_seeds_and_recorded_cells_add_up(study, tmp_path):
 
     # a cell finished elsewhere adds to the recorded ones; the recorded rows are read back unchanged
     _cell(study, two, "2d:600:2", {"voxelmorph": (0.60, 0.60), "flowreg": (0.70, 0.70)})   # gap +0.10
+    _cell(study, two, "2d:15000:0", {"voxelmorph": (0.75, 0.75)})   # listed after 600 pairs: budgets are numbers
     study.summarise(two, out)
     means = [r for r in study.read_csv(out / "results.csv") if r["method"] == "flowreg"]
     assert sorted((r["seed"], round(r["dice"], 6)) for r in means) == [(0, 0.8), (1, 0.79), (2, 0.7)]
     assert [c["cell"] for c in json.loads((out / "cells.json").read_text())] == \
-        ["2d:600:0", "2d:600:1", "2d:600:2", "2d:syn"]
+        ["2d:600:0", "2d:600:1", "2d:600:2", "2d:15000:0", "2d:syn"]
     study.summarise(tmp_path / "empty", out)   # the recorded cells alone give the same files again
     again = {n: (out / n).read_text() for n in first}
     study.summarise(tmp_path / "empty", out)
@@ -66,7 +67,7 @@ def test_summary_over_seeds_and_recorded_cells_add_up(study, tmp_path):
     _cell(study, two, "2D:0600:0", {"voxelmorph": (0.70, 0.72), "flowreg": (0.60, 0.60)})
     study.summarise(two, out)
     means = {r["seed"]: r["dice"] for r in study.read_csv(out / "results.csv") if r["method"] == "flowreg"}
-    assert means[0] == pytest.approx(0.60) and len(study.read_csv(out / "pairs.csv")) == 14
+    assert means[0] == pytest.approx(0.60) and len(study.read_csv(out / "pairs.csv")) == 16
 
     # a cell of another profile belongs in another --out
     _cell(study, tmp_path / "paper", "2d:600:0", {"voxelmorph": (0.9, 0.9)}, profile="paper")

@@ -186,8 +186,7 @@ def _finished_cells(work: Path, recorded: Path | None) -> list[tuple[dict, Table
         kinds.add(kind)
         cells[_key(record["dims"], record["budget"], record["seed"])] = (
             record, read_csv(record_path.parent / "bench" / "results.csv"))
-    return [cells[k] for k in sorted(cells, key=lambda k: cell_dir(Path(), cell_name(*(
-        None if v == "" else v for v in k))).name)]
+    return [cells[k] for k in sorted(cells, key=lambda k: (k[0], k[1] == "", k[1] or 0, k[2] or 0))]   # SyN last
 
 
 def collect(work: Path, recorded: Path | None = None) -> tuple[Table, Table, list[dict]]:
