@@ -289,12 +289,11 @@ def _figures(means: Table, out: Path) -> None:
                 ax.axhline(r["dice"], color="k", ls="--", lw=1, label="ANTs SyN")
         ax.set_xscale("log"), ax.set_title(f"{dims}D"), ax.set_xlabel("training pairs (log)"), ax.grid(alpha=0.3)
     axes[0].set_ylabel("test Dice (band: min-max over seeds)")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
-            break
+    labelled = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
     fig.tight_layout()
-    fig.savefig(out / "dice_vs_budget.png", dpi=110)
+    if labelled:   # beside the panels, where it hides no curve
+        fig.legend(labelled.values(), labelled.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(out / "dice_vs_budget.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     # 2D against 3D: the gain over the initial alignment (the initial Dice differs between slices and stacks)
