@@ -142,7 +142,7 @@ class _Warmup(nn.Module):
 
     def __init__(self, model: "FlowReg") -> None:
         super().__init__()
-        self.net = model.net   # the only submodule: the stage trains the network (the EMA teacher is not used yet)
+        self.net = model.net   # the only submodule: the stage trains the network (the EMA teacher starts from it)
         self.noise_like, self.registration_loss = model.noise_like, model.registration_loss
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
